@@ -1,0 +1,263 @@
+//! A read-only, zero-copy JSON document: what the adapters and the mapping engine read raw
+//! events from.
+//!
+//! Parsing a vendor event into `serde_json::Value` allocates a `String` per key and per
+//! string value and builds a B-tree per object, then the adapter copies the few values it
+//! needs anyway. [`Doc`] borrows strings straight from the raw bytes (unless they contain
+//! escapes) and keeps objects as small vectors in source order, which roughly halves the cost
+//! of reading an event; only the values an adapter picks are turned into `Value`s. Lookups
+//! scan linearly, which for vendor objects (tens of keys) is as fast as a tree. With duplicate
+//! keys the last one wins, as in `serde_json::Value`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Number, Value};
+
+/// One parsed JSON value borrowing from the raw bytes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Doc<'a> {
+    Null,
+    Bool(bool),
+    Number(Number),
+    String(Cow<'a, str>),
+    Array(Vec<Doc<'a>>),
+    Object(Vec<(Cow<'a, str>, Doc<'a>)>),
+}
+
+/// The `null` returned for missing lookups that need a reference.
+pub static NULL: Doc<'static> = Doc::Null;
+
+impl<'a> Doc<'a> {
+    /// Parses JSON bytes (the same grammar and limits as `serde_json::from_slice`).
+    pub fn parse(bytes: &'a [u8]) -> Result<Doc<'a>, serde_json::Error> {
+        serde_json::from_slice(bytes)
+    }
+
+    /// The member `key` of an object (the last one, with duplicates).
+    pub fn get(&self, key: &str) -> Option<&Doc<'a>> {
+        match self {
+            Doc::Object(members) => members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// One path step: an object member, or an array element for a numeric segment.
+    pub fn step(&self, seg: &str) -> Option<&Doc<'a>> {
+        match self {
+            Doc::Object(_) => self.get(seg),
+            Doc::Array(items) => seg.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => None,
+        }
+    }
+
+    /// RFC 6901 JSON Pointer lookup.
+    pub fn pointer(&self, pointer: &str) -> Option<&Doc<'a>> {
+        if pointer.is_empty() {
+            return Some(self);
+        }
+        let rest = pointer.strip_prefix('/')?;
+        rest.split('/').try_fold(self, |node, token| {
+            let token = token.replace("~1", "/").replace("~0", "~");
+            node.step(&token)
+        })
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self, Doc::Null)
+    }
+    pub fn is_object(&self) -> bool {
+        matches!(self, Doc::Object(_))
+    }
+    pub fn is_string(&self) -> bool {
+        matches!(self, Doc::String(_))
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Doc::String(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_bool(&self) -> Option<bool> {
+        match self {
+            Doc::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Doc<'a>]> {
+        match self {
+            Doc::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+    pub fn as_object(&self) -> Option<&[(Cow<'a, str>, Doc<'a>)]> {
+        match self {
+            Doc::Object(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The text of a scalar: strings as they are, numbers in JSON notation, booleans as
+    /// `true`/`false`; `None` for null, arrays and objects.
+    pub fn text(&self) -> Option<String> {
+        match self {
+            Doc::String(s) => Some(s.to_string()),
+            Doc::Number(n) => Some(n.to_string()),
+            Doc::Bool(b) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    /// [`Doc::text`], `None` when empty or only whitespace.
+    pub fn non_empty_text(&self) -> Option<String> {
+        match self {
+            Doc::String(s) if s.trim().is_empty() => None,
+            other => other.text(),
+        }
+    }
+
+    /// An owned `serde_json::Value` copy.
+    pub fn to_value(&self) -> Value {
+        match self {
+            Doc::Null => Value::Null,
+            Doc::Bool(b) => Value::Bool(*b),
+            Doc::Number(n) => Value::Number(n.clone()),
+            Doc::String(s) => Value::String(s.to_string()),
+            Doc::Array(items) => Value::Array(items.iter().map(Doc::to_value).collect()),
+            Doc::Object(members) => {
+                let mut m = Map::new();
+                for (k, v) in members {
+                    m.insert(k.to_string(), v.to_value());
+                }
+                Value::Object(m)
+            }
+        }
+    }
+
+    /// `a string`, `an object` ... for messages.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Doc::Null => "null",
+            Doc::Bool(_) => "a boolean",
+            Doc::Number(_) => "a number",
+            Doc::String(_) => "a string",
+            Doc::Array(_) => "an array",
+            Doc::Object(_) => "an object",
+        }
+    }
+}
+
+impl fmt::Display for Doc<'_> {
+    /// Compact JSON, for error details.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_value())
+    }
+}
+
+impl<'de> Deserialize<'de> for Doc<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DocVisitor)
+    }
+}
+
+struct DocVisitor;
+
+impl<'de> Visitor<'de> for DocVisitor {
+    type Value = Doc<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Doc<'de>, E> {
+        Ok(Doc::Null)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Doc<'de>, E> {
+        Ok(Doc::Null)
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Doc<'de>, E> {
+        Ok(Doc::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Doc<'de>, E> {
+        Ok(Doc::Number(v.into()))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Doc<'de>, E> {
+        Ok(Doc::Number(v.into()))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Doc<'de>, E> {
+        Number::from_f64(v).map(Doc::Number).ok_or_else(|| E::custom("not a finite number"))
+    }
+    fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Doc<'de>, E> {
+        Ok(Doc::String(Cow::Borrowed(v)))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Doc<'de>, E> {
+        Ok(Doc::String(Cow::Owned(v.to_string())))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Doc<'de>, E> {
+        Ok(Doc::String(Cow::Owned(v)))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Doc<'de>, A::Error> {
+        // serde_json gives no size hints; a small start saves the first reallocations.
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4).min(64));
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Doc::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc<'de>, A::Error> {
+        let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16).min(64));
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            let value = map.next_value()?;
+            members.push((key.0, value));
+        }
+        Ok(Doc::Object(members))
+    }
+}
+
+/// An object key, borrowed when it has no escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn same_values_as_serde_json() {
+        let raw = br#"{"a": [1, -2, 3.5, true, null, "x\"y"], "b": {"c": "d", "c": "e"}, "a/b": {"~": 1}, "big": 18446744073709551615}"#;
+        let doc = Doc::parse(raw).expect("parses");
+        let value: Value = serde_json::from_slice(raw).expect("parses");
+        assert_eq!(doc.to_value(), value);
+        assert_eq!(doc.get("b").and_then(|b| b.get("c")).and_then(Doc::as_str), Some("e"), "last duplicate wins");
+        assert_eq!(doc.pointer("/a~1b/~0").map(Doc::to_value), Some(json!(1)));
+        assert_eq!(doc.step("a").and_then(|a| a.step("5")).and_then(Doc::as_str), Some("x\"y"));
+        assert!(
+            matches!(doc.get("b").and_then(|b| b.get("c")), Some(Doc::String(Cow::Borrowed(_)))),
+            "no copy without escapes"
+        );
+        assert!(Doc::parse(b"{").is_err());
+        assert!(Doc::parse(b"[1,]").is_err());
+    }
+}

@@ -1,0 +1,321 @@
+//! The pure normalization pipeline: raw bytes + source name → [`Outcome`]. No I/O, no clock,
+//! no randomness: the same bytes (and `traceparent`) always give the same output bytes, which
+//! is what makes duplicates harmless downstream. The CLI, the service and the benchmark all
+//! call [`Pipeline::normalize`].
+//!
+//! Steps: parse JSON → adapter (identity + normalized fields) → source mapping overrides →
+//! route → agent parameters → minimize → redact/hash → validate → CloudEvent bytes.
+
+use std::collections::BTreeMap;
+
+use agentbridge_config::{AgentParameters, Config, SourceKind};
+use agentbridge_contracts::{idempotency_key, Envelope, TraceParent};
+use serde_json::{Map, Value};
+
+use crate::adapters::{Adapter, SourceEvent};
+use crate::doc::Doc;
+use crate::error::{BuildError, Reason, Rejection};
+use crate::mapping::CompiledMapping;
+use crate::routing::{Route, Router};
+use crate::schema::AgentSchema;
+
+/// The CloudEvent extension naming where the result is written back.
+pub const EXT_WRITEBACK: &str = "writebacktarget";
+
+/// A normalized event, ready to publish to `normalized` with `key` as the message key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Normalized {
+    /// The idempotency key: message key, CloudEvent id and `idempotencykey`.
+    pub key: String,
+    pub event_id: String,
+    pub event_type: String,
+    pub agent: String,
+    pub envelope: Envelope,
+    /// The envelope's deterministic JSON: what is published.
+    pub bytes: Vec<u8>,
+}
+
+/// An event no route takes: acknowledged and counted, not dead-lettered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrouted {
+    pub key: String,
+    pub event_id: String,
+    pub event_type: String,
+}
+
+/// What became of one raw event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Normalized(Box<Normalized>),
+    /// A permanent failure: goes to `dlq.normalize` with the original bytes.
+    Rejected(Rejection),
+    Unrouted(Unrouted),
+}
+
+impl Outcome {
+    /// `normalized`, `dead_lettered` or `unrouted` (the metrics' `outcome` label).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Normalized(_) => "normalized",
+            Outcome::Rejected(_) => "dead_lettered",
+            Outcome::Unrouted(_) => "unrouted",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SourceRuntime {
+    kind: SourceKind,
+    adapter: Adapter,
+    /// `mapping.fields` / `mapping.source_fields`, applied after the adapter.
+    overrides: CompiledMapping,
+}
+
+#[derive(Debug)]
+struct AgentRuntime {
+    schema: AgentSchema,
+    parameters: AgentParameters,
+}
+
+/// Everything needed to normalize events, compiled from the configuration at startup.
+#[derive(Debug)]
+pub struct Pipeline {
+    sources: BTreeMap<String, SourceRuntime>,
+    agents: BTreeMap<String, AgentRuntime>,
+    router: Router,
+}
+
+impl Pipeline {
+    /// Compiles the sources, loads every agent's input schema and compiles the routes.
+    /// Errors name the configuration key to fix.
+    pub fn from_config(config: &Config) -> Result<Self, BuildError> {
+        let problems = config.validate();
+        if let Some(p) = problems.first() {
+            return Err(BuildError::config(&p.key, &p.message));
+        }
+        let mut sources = BTreeMap::new();
+        for (name, s) in &config.sources {
+            let overrides = CompiledMapping::compile(&format!("sources.{name}.mapping"), &s.mapping);
+            let adapter = match s.kind {
+                SourceKind::Zendesk => Adapter::Zendesk,
+                SourceKind::Servicenow => Adapter::Servicenow,
+                SourceKind::Coupa => Adapter::Coupa,
+                SourceKind::Mapped => Adapter::Mapped(Box::new(overrides.clone())),
+            };
+            sources.insert(name.clone(), SourceRuntime { kind: s.kind, adapter, overrides });
+        }
+        let mut agents = BTreeMap::new();
+        for (name, a) in &config.agents {
+            let schema = AgentSchema::load(name, a, &config.schemas_dir)?;
+            if schema.required.iter().any(|r| r == "requires_sox_review") && a.parameters.sox_review_threshold.is_none()
+            {
+                return Err(BuildError::config(
+                    format!("agents.{name}.parameters.sox_review_threshold"),
+                    format!("required: the input schema {} requires `requires_sox_review`", schema.path.display()),
+                ));
+            }
+            if schema.required.iter().any(|r| r == "approval_threshold") && a.parameters.approval_threshold.is_none() {
+                return Err(BuildError::config(
+                    format!("agents.{name}.parameters.approval_threshold"),
+                    format!("required: the input schema {} requires `approval_threshold`", schema.path.display()),
+                ));
+            }
+            agents.insert(name.clone(), AgentRuntime { schema, parameters: a.parameters.clone() });
+        }
+        Ok(Self { sources, agents, router: Router::from_config(config) })
+    }
+
+    /// The configured source names.
+    pub fn sources(&self) -> impl Iterator<Item = &str> {
+        self.sources.keys().map(String::as_str)
+    }
+
+    pub fn source_kind(&self, source: &str) -> Option<SourceKind> {
+        self.sources.get(source).map(|s| s.kind)
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.router
+    }
+
+    /// Normalizes one raw event of `source`. `traceparent` is the W3C trace context the
+    /// ingress received with it, if any.
+    pub fn normalize(&self, source: &str, raw: &[u8], traceparent: Option<&str>) -> Outcome {
+        match self.try_normalize(source, raw, traceparent) {
+            Ok(outcome) => outcome,
+            Err(rejection) => Outcome::Rejected(rejection),
+        }
+    }
+
+    fn try_normalize(&self, source: &str, raw: &[u8], traceparent: Option<&str>) -> Result<Outcome, Rejection> {
+        let rt = self
+            .sources
+            .get(source)
+            .ok_or_else(|| Rejection::new(Reason::UnknownSource, format!("source `{source}` is not configured")))?;
+        let doc = Doc::parse(raw).map_err(|e| Rejection::new(Reason::JsonMalformed, e.to_string()))?;
+        let mut event = rt.adapter.extract(&doc)?;
+        rt.overrides
+            .apply_fields(&doc, &mut event.fields, &mut event.source_ids)
+            .map_err(|e| Rejection::new(Reason::MappingFailed, e.to_string()))?;
+        let key = idempotency_key(source, &event.event_id);
+        let Some(route) = self.router.route(source, &event.event_type, &event.fields) else {
+            return Ok(Outcome::Unrouted(Unrouted { key, event_id: event.event_id, event_type: event.event_type }));
+        };
+        // Config validation guarantees every route's agent exists and `from_config` loaded its
+        // schema, so this cannot fail; it is still a rejection, never a panic.
+        let agent = self.agents.get(&route.agent).ok_or_else(|| {
+            Rejection::new(
+                Reason::MappingFailed,
+                format!("routes[{}] names agent `{}`, which has no input schema", route.index, route.agent),
+            )
+        })?;
+        let SourceEvent { event_id, event_type, entity_type, entity_id, time, mut fields, source_ids } = event;
+        apply_parameters(&agent.parameters, &mut fields);
+        let input = agent
+            .schema
+            .prepare(Value::Object(fields))
+            .map_err(|detail| Rejection::new(Reason::SchemaInvalid, format!("agent {}: {detail}", route.agent)))?;
+
+        let mut source_block = source_ids;
+        for (k, v) in [
+            ("system", source),
+            ("entity_type", &entity_type),
+            ("entity_id", &entity_id),
+            ("event_type", &event_type),
+            ("event_id", &event_id),
+        ] {
+            source_block.insert(k.into(), Value::String(v.to_string()));
+        }
+        let mut data = Map::new();
+        data.insert("input".into(), input);
+        data.insert("source".into(), Value::Object(source_block));
+
+        let mut envelope = Envelope::new(
+            key.clone(),
+            format!("agentbridge/normalizer/{source}"),
+            format!("{source}.{event_type}"),
+            Value::Object(data),
+        );
+        envelope.time = time;
+        envelope.subject = Some(format!("{entity_type}/{entity_id}"));
+        envelope.dataschema = agent.schema.id.clone();
+        stamp(&mut envelope, route, &key, &event_id, traceparent);
+        let bytes = envelope.to_vec();
+        Ok(Outcome::Normalized(Box::new(Normalized {
+            key,
+            event_id,
+            event_type,
+            agent: route.agent.clone(),
+            envelope,
+            bytes,
+        })))
+    }
+}
+
+/// Puts the agent's parameters into the fields (minimization drops the ones its schema does
+/// not declare).
+fn apply_parameters(p: &AgentParameters, fields: &mut Map<String, Value>) {
+    if let Some(threshold) = p.sox_review_threshold {
+        // Only with a numeric amount: a missing amount must fail validation, not be guessed.
+        if let Some(amount) = fields.get("amount").and_then(Value::as_f64) {
+            fields.insert("requires_sox_review".into(), Value::Bool(amount >= threshold));
+        }
+    }
+    if let Some(a) = p.approval_threshold {
+        fields.insert("approval_threshold".into(), number(a));
+    }
+}
+
+/// A configured amount as JSON, integral values as integers (`5000`, not `5000.0`).
+fn number(x: f64) -> Value {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        Value::from(x as i64)
+    } else {
+        serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
+    }
+}
+
+fn stamp(e: &mut Envelope, route: &Route, key: &str, event_id: &str, traceparent: Option<&str>) {
+    e.idempotencykey = Some(key.to_string());
+    e.agent = Some(route.agent.clone());
+    e.agentversion = route.agent_version.clone();
+    e.businessprocess = Some(route.business_process.clone());
+    e.costcenter = route.cost_center.clone();
+    e.department = route.department.clone();
+    e.environment = Some(route.environment.clone());
+    e.sourceeventid = Some(event_id.to_string());
+    e.traceparent = Some(derive_traceparent(key, traceparent));
+    e.attempt = Some(1);
+    e.extensions.insert(EXT_WRITEBACK.into(), Value::String(route.writeback.clone()));
+}
+
+/// The normalizer's span in the event's trace. The span id comes from the idempotency key
+/// (not a random number) so the output stays byte-identical for the same input; the trace id
+/// is the incoming trace's when the ingress received a valid `traceparent`, else also derived
+/// from the key (one business event, one trace).
+pub fn derive_traceparent(key: &str, incoming: Option<&str>) -> String {
+    // The common case (no incoming trace, a hex key): the ids are slices of the key's text.
+    let hex_key = key.len() >= 48 && key.bytes().take(48).all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if incoming.is_none()
+        && hex_key
+        && &key[..32] != "00000000000000000000000000000000"
+        && &key[32..48] != "0000000000000000"
+    {
+        return format!("00-{}-{}-01", &key[..32], &key[32..48]);
+    }
+    let mut from_key = [0u8; 32];
+    if hex::decode_to_slice(key.get(..64).unwrap_or_default(), &mut from_key).is_err() {
+        // Not a hex sha256 (cannot happen for keys built by idempotency_key): hash it.
+        from_key = sha2_32(key.as_bytes());
+    }
+    let mut trace_id = [0u8; 16];
+    trace_id.copy_from_slice(&from_key[..16]);
+    let mut parent_id = [0u8; 8];
+    parent_id.copy_from_slice(&from_key[16..24]);
+    let mut sampled = true;
+    if let Some(tp) = incoming.and_then(TraceParent::parse) {
+        trace_id = tp.trace_id;
+        sampled = tp.sampled;
+    }
+    // The all-zero ids are invalid in W3C trace context.
+    if trace_id == [0; 16] {
+        trace_id[15] = 1;
+    }
+    if parent_id == [0; 8] {
+        parent_id[7] = 1;
+    }
+    TraceParent { trace_id, parent_id, sampled }.to_string()
+}
+
+fn sha2_32(bytes: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_derived_or_continued() {
+        let key = idempotency_key("zendesk", "e1");
+        let own = derive_traceparent(&key, None);
+        assert_eq!(own, format!("00-{}-{}-01", &key[..32], &key[32..48]));
+        let cont = derive_traceparent(&key, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"));
+        assert_eq!(cont, format!("00-4bf92f3577b34da6a3ce929d0e0e4736-{}-00", &key[32..48]));
+        assert_eq!(derive_traceparent(&key, Some("garbage")), own);
+        assert!(TraceParent::parse(&derive_traceparent("short", None)).is_some());
+    }
+
+    #[test]
+    fn parameters_never_guess() {
+        let p = AgentParameters { sox_review_threshold: Some(10_000.0), approval_threshold: Some(5000.0) };
+        let mut f = Map::new();
+        apply_parameters(&p, &mut f);
+        assert!(!f.contains_key("requires_sox_review"));
+        assert_eq!(f["approval_threshold"], Value::from(5000));
+        f.insert("amount".into(), Value::from(10_000));
+        apply_parameters(&p, &mut f);
+        assert_eq!(f["requires_sox_review"], Value::Bool(true));
+    }
+}

@@ -1,0 +1,58 @@
+//! Wiring for the `agentbridge-trigger-worker` binary (and the all-in-one mode): connect the
+//! transport and store, prepare topics, serve `/metrics` `/healthz` `/readyz`, consume until
+//! the cancellation token fires, drain.
+
+use std::sync::Arc;
+
+use agentbridge_config::Config;
+use agentbridge_runtime::ops::{self, Readiness};
+use agentbridge_runtime::CancellationToken;
+
+use crate::error::StartError;
+use crate::metrics::Metrics;
+use crate::watchdog::Watchdog;
+use crate::worker::Worker;
+
+/// Runs the service until `cancel` fires and the in-flight events are settled.
+pub async fn run_until_stopped(config: Config, cancel: CancellationToken) -> Result<(), StartError> {
+    let transport = agentbridge_transport::connect(&config.transport).await?;
+    let store = agentbridge_store::connect(&config.store).await?;
+    run_with(config, transport, store, cancel).await
+}
+
+/// Runs the service on a transport and store the caller connected; the all-in-one `dev` mode
+/// passes the in-process bus and store it shares with the other services.
+pub async fn run_with(
+    config: Config,
+    transport: Arc<dyn agentbridge_transport::Transport>,
+    store: Arc<dyn agentbridge_store::Store>,
+    cancel: CancellationToken,
+) -> Result<(), StartError> {
+    let metrics = Metrics::new()?;
+    let worker = Arc::new(Worker::new(&config, transport.clone(), store.clone(), metrics.clone())?);
+    worker.prepare().await?;
+    let (t, s) = (transport.clone(), store.clone());
+    let readiness = Readiness::new()
+        .check("broker", move || {
+            let t = t.clone();
+            Box::pin(async move { t.ping().await.map_err(|e| e.to_string()) })
+        })
+        .check("store", move || {
+            let s = s.clone();
+            Box::pin(async move { s.ping().await.map_err(|e| e.to_string()) })
+        });
+    let addr =
+        ops::serve(config.trigger_worker.listen, ops::router(metrics.registry.clone(), readiness), cancel.clone())
+            .await?;
+    tracing::info!(%addr, "ops server listening");
+    let watchdog = Watchdog::new(&config, transport.clone(), store.clone(), metrics.clone());
+    let watchdog = tokio::spawn(watchdog.run(cancel.child_token()));
+    let result = worker.run(cancel.clone()).await;
+    // The worker also returns when its subscription closes: stop the watchdog with it.
+    cancel.cancel();
+    if let Err(e) = watchdog.await {
+        tracing::warn!(error = %e, "watchdog task ended abnormally");
+    }
+    result?;
+    Ok(())
+}

@@ -1,0 +1,701 @@
+//! The trigger loop: consume `normalized` as group `trigger-worker`, and for each event decide
+//! hold / drop-as-duplicate / trigger / retry / dead-letter.
+//!
+//! Guarantees (see README "Delivery guarantees"):
+//! - **one run per business event.** Claim-then-commit on the idempotency key: a claim with a
+//!   lease, the trigger call carrying the same key as `Idempotency-Key`, and the final mark
+//!   (value = run id) only after the run is recorded and announced. A worker that dies after
+//!   claiming leaves a claim that expires with its lease; the event is redelivered and the next
+//!   worker triggers with the same key, so the platform still sees one run.
+//! - **nothing is acknowledged before its outputs are confirmed.** The `triggered` lifecycle
+//!   event is published (broker-confirmed) before the commit and the ack; a crash in between
+//!   can only repeat the lifecycle event, never lose it.
+//! - **fail closed.** When the store does not answer, the event is not acknowledged and not
+//!   triggered: it comes back later (`retry_later`). Held events (paused agent, rate limit,
+//!   slowdown, claim held elsewhere) are parked the same way, never dropped.
+//!
+//! Concurrency: a semaphore bounds the events one process handles (`trigger_worker.max_in_flight`)
+//! and one per agent bounds its concurrent trigger calls (`agents.<alias>.run.max_in_flight`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentbridge_config::{AgentRunConfig, BackendKind, Config, TriggerWorkerConfig};
+use agentbridge_contracts::{Envelope, RunEvent, RunStage, Stage, Topics, TraceParent, RUN_EVENT_TYPE};
+use agentbridge_runtime::backoff::Backoff;
+use agentbridge_runtime::CancellationToken;
+use agentbridge_store::{Claim, Rate, Store, StoreError};
+use agentbridge_transport::{Delivery, Message, Transport, TransportError, DLQ_GROUP};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::backend::{AgentBackend, RunMetadata, TriggerRequest};
+use crate::error::{reason, BackendError, StartError};
+use crate::metrics::{outcome, Metrics};
+use crate::responses::ResponsesBackend;
+use crate::workspace::WorkspaceBackend;
+
+/// The service name stamped into dead letters and lifecycle events.
+pub const SERVICE: &str = "trigger-worker";
+/// The `agent` label for events whose agent is not configured (keeps the label bounded).
+const UNKNOWN_AGENT: &str = "unknown";
+/// Shortest park of a held event: a `Retry-After: 0` must not become a hot loop.
+const MIN_HOLD: Duration = Duration::from_millis(100);
+
+/// The dedup claim key of an event (namespaced so other stages can claim the same idempotency
+/// key for their own side effects).
+pub fn claim_key(idempotency_key: &str) -> String {
+    format!("trigger:{idempotency_key}")
+}
+
+/// The flag that pauses an agent: while it is set, the agent's events are held.
+pub fn paused_flag(agent: &str) -> String {
+    format!("paused:{agent}")
+}
+
+/// The flag set when the platform answered 429/503 with `Retry-After`; its value is the Unix
+/// time (ms) until which the agent's events are held, and it expires then.
+pub fn slowdown_flag(agent: &str) -> String {
+    format!("slowdown:{agent}")
+}
+
+/// Transient trigger failures so far for one event. Kept in the store rather than taken from
+/// the delivery's attempt counter because held events (paused, rate-limited) also come back
+/// with `attempt + 1`, and a long pause must not use up the retry budget.
+fn failures_flag(idempotency_key: &str) -> String {
+    format!("trigger-failures:{idempotency_key}")
+}
+
+/// One configured agent, ready to trigger.
+struct AgentRuntime {
+    agent_id: String,
+    run: AgentRunConfig,
+    backend: Arc<dyn AgentBackend>,
+    /// Bounds this agent's concurrent trigger calls in this process.
+    permits: Arc<Semaphore>,
+}
+
+/// The trigger-worker: cheap to share (`Arc`); [`Worker::run`] consumes until cancelled.
+pub struct Worker {
+    transport: Arc<dyn Transport>,
+    store: Arc<dyn Store>,
+    topics: Topics,
+    config: TriggerWorkerConfig,
+    agents: HashMap<String, AgentRuntime>,
+    metrics: Metrics,
+    /// The one retry policy of the workspace (`agentbridge_runtime::backoff`, full jitter), used
+    /// instead of the `backoff` crate so every service retries the same way.
+    backoff: Backoff,
+}
+
+impl Worker {
+    /// Builds the backend of every agent with a `run.base_url`. Agents without one are not
+    /// triggered: their events are dead-lettered as `agent_unconfigured`.
+    pub fn new(
+        config: &Config,
+        transport: Arc<dyn Transport>,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+    ) -> Result<Self, StartError> {
+        let mut agents = HashMap::new();
+        for (alias, agent) in &config.agents {
+            let run = &agent.run;
+            let Some(base_url) = &run.base_url else { continue };
+            let agent_id = run.agent_id.clone().unwrap_or_else(|| alias.clone());
+            let backend: Arc<dyn AgentBackend> = match run.backend {
+                // The simulator implements the workspace contract, so one client serves both.
+                BackendKind::Workspace | BackendKind::Simulator => Arc::new(
+                    WorkspaceBackend::new(base_url, &agent_id, run)
+                        .map_err(|message| StartError::Agent { agent: alias.clone(), message })?,
+                ),
+                BackendKind::Responses => Arc::new(
+                    ResponsesBackend::new(base_url, alias, run)
+                        .map_err(|message| StartError::Agent { agent: alias.clone(), message })?,
+                ),
+            };
+            agents.insert(
+                alias.clone(),
+                AgentRuntime {
+                    agent_id,
+                    run: run.clone(),
+                    backend,
+                    permits: Arc::new(Semaphore::new(run.max_in_flight)),
+                },
+            );
+        }
+        let t = &config.trigger_worker;
+        let backoff =
+            Backoff { initial: t.retry.initial_backoff, max: t.retry.max_backoff, max_attempts: t.retry.max_attempts };
+        Ok(Self {
+            transport,
+            store,
+            topics: Topics::new(config.transport.prefix.clone()),
+            config: t.clone(),
+            agents,
+            metrics,
+            backoff,
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Creates the topics this worker reads and writes, and declares the operator's `dlq`
+    /// group on `dlq.trigger` so no dead letter is published into the void (RabbitMQ).
+    pub async fn prepare(&self) -> Result<(), TransportError> {
+        let dlq = self.topics.dlq(Stage::Trigger.as_str());
+        self.transport.ensure_topics(&[self.topics.normalized(), self.topics.runs(), dlq.clone()]).await?;
+        self.transport.declare_group(DLQ_GROUP, &[dlq]).await
+    }
+
+    /// Consumes `normalized` until `cancel` fires, then stops pulling, finishes (and settles)
+    /// the events in flight and returns.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> Result<(), TransportError> {
+        let sub = self.transport.subscribe(&self.config.group, &[self.topics.normalized()]).await?;
+        info!(group = %self.config.group, max_in_flight = self.config.max_in_flight, "trigger-worker consuming");
+        let me = self.clone();
+        agentbridge_transport::consume_bounded(
+            sub,
+            self.config.max_in_flight,
+            cancel,
+            move |delivery| {
+                let me = me.clone();
+                async move {
+                    me.metrics.in_flight().inc();
+                    me.handle(delivery).await;
+                    me.metrics.in_flight().dec();
+                }
+            },
+            |in_flight| info!(in_flight, "trigger-worker stopping; draining in-flight events"),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Handles one delivery and settles it exactly once.
+    pub async fn handle(&self, delivery: Delivery) {
+        let (envelope, key, agent) = match parse(delivery.payload()) {
+            Ok(parsed) => parsed,
+            Err(detail) => return self.dead_letter(delivery, UNKNOWN_AGENT, reason::ENVELOPE_INVALID, &detail).await,
+        };
+        let Some(rt) = self.agents.get(&agent) else {
+            let detail = format!("agent `{agent}` has no agents.{agent}.run.base_url in this worker's configuration");
+            return self.dead_letter(delivery, UNKNOWN_AGENT, reason::AGENT_UNCONFIGURED, &detail).await;
+        };
+        let span = tracing::debug_span!("trigger", event_id = %envelope.id, agent = %agent, idempotency_key = %key, attempt = delivery.attempt());
+        self.handle_event(delivery, envelope, &key, &agent, rt).instrument(span).await
+    }
+
+    async fn handle_event(&self, delivery: Delivery, envelope: Envelope, key: &str, agent: &str, rt: &AgentRuntime) {
+        // 1. Held: paused agent, or the platform asked this agent to slow down.
+        match self.store.get_flag(&paused_flag(agent)).await {
+            Ok(Some(_)) => return self.hold(delivery, agent, outcome::PAUSED, self.config.hold_delay).await,
+            Ok(None) => {}
+            Err(e) => return self.infra_retry(delivery, agent, "read pause flag", &e.to_string()).await,
+        }
+        match self.store.get_flag(&slowdown_flag(agent)).await {
+            Ok(Some(until)) => {
+                let wait = until
+                    .parse::<i64>()
+                    .ok()
+                    .map(|ms| Duration::from_millis(u64::try_from(ms - now_ms()).unwrap_or(0)))
+                    .unwrap_or(self.config.hold_delay);
+                return self.hold(delivery, agent, outcome::SLOWDOWN, wait).await;
+            }
+            Ok(None) => {}
+            Err(e) => return self.infra_retry(delivery, agent, "read slowdown flag", &e.to_string()).await,
+        }
+        // 2. Rate limit, shared by every replica through the store.
+        if let Some(rl) = &rt.run.rate_limit {
+            let limiter = match rl.key_by.as_deref().and_then(|k| key_value(&envelope, k)) {
+                Some(v) => format!("rate:{agent}:{v}"),
+                None => format!("rate:{agent}"),
+            };
+            let rate = Rate { limit: rl.limit, period: rl.period, burst: rl.burst() };
+            match self.store.rate_limit(&limiter, rate).await {
+                Ok(d) if !d.allowed => return self.hold(delivery, agent, outcome::RATE_LIMITED, d.retry_after).await,
+                Ok(_) => {}
+                Err(e) => return self.infra_retry(delivery, agent, "consult rate limit", &e.to_string()).await,
+            }
+        }
+        // 3. Per-agent concurrency, before the claim so waiting does not eat the lease.
+        let Ok(_agent_permit) = rt.permits.clone().acquire_owned().await else {
+            return self.infra_retry(delivery, agent, "acquire agent permit", "semaphore closed").await;
+        };
+        // 4. Claim.
+        let token = match self.store.claim(&claim_key(key), self.config.claim_lease).await {
+            Ok(Claim::Acquired { token }) => token,
+            Ok(Claim::Done { value }) => {
+                debug!(run_id = %value, "duplicate: already triggered");
+                self.metrics.event(agent, outcome::DUPLICATE);
+                if let Err(e) = delivery.ack().await {
+                    warn!(error = %e, "ack of a duplicate failed; it will be redelivered and dropped again");
+                }
+                return;
+            }
+            Ok(Claim::InProgress) => {
+                return self.hold(delivery, agent, outcome::IN_PROGRESS, self.config.hold_delay).await
+            }
+            Err(e) => return self.infra_retry(delivery, agent, "claim idempotency key", &e.to_string()).await,
+        };
+        // From here the claim is ours: every path commits or releases it.
+        let attempt = delivery.attempt();
+        let claimed = lifecycle(&envelope, &run_event(&envelope, RunStage::Claimed, attempt));
+        if let Err(e) = self.publish_run_event(&claimed, key).await {
+            self.release(key, &token).await;
+            return self.infra_retry(delivery, agent, "publish claimed event", &e.to_string()).await;
+        }
+
+        let request = trigger_request(&envelope, key, agent, rt, &self.config.callback_url);
+        let started = Instant::now();
+        let result = rt.backend.trigger(&request).await;
+        let seconds = started.elapsed().as_secs_f64();
+        match result {
+            Ok(accepted) => {
+                self.metrics.trigger_call(agent, "ok", seconds);
+                self.on_triggered(delivery, &envelope, key, agent, &token, &request, &accepted.run_id, &accepted.status)
+                    .await
+            }
+            Err(e @ BackendError::Permanent { .. }) => {
+                self.metrics.trigger_call(agent, "permanent", seconds);
+                self.release(key, &token).await;
+                self.give_up(delivery, &envelope, key, agent, reason::AGENT_4XX, &e.to_string()).await
+            }
+            Err(e) => {
+                self.metrics.trigger_call(agent, "transient", seconds);
+                self.release(key, &token).await;
+                self.on_transient(delivery, &envelope, key, agent, &e).await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn on_triggered(
+        &self,
+        delivery: Delivery,
+        envelope: &Envelope,
+        key: &str,
+        agent: &str,
+        token: &str,
+        request: &TriggerRequest,
+        run_id: &str,
+        status: &str,
+    ) {
+        // Order matters: run state and deadline, then the broker-confirmed `triggered` event,
+        // then the commit, then the ack. A failure before the commit releases the claim and
+        // retries; the retry reaches the platform with the same Idempotency-Key and gets the
+        // same run back, so every step here is safe to repeat.
+        let state = run_state(envelope, delivery.payload(), key, agent, request, run_id);
+        let deadline = now_ms() + i64::try_from(self.config.run_deadline.as_millis()).unwrap_or(i64::MAX / 2);
+        let recorded = async {
+            self.store
+                .put_run(run_id, &state.to_string(), self.config.dedup_ttl)
+                .await
+                .map_err(|e| ("record run state", e.to_string()))?;
+            self.store
+                .schedule_deadline(run_id, deadline)
+                .await
+                .map_err(|e| ("schedule watchdog deadline", e.to_string()))?;
+            let mut ev = run_event(envelope, RunStage::Triggered, delivery.attempt());
+            ev.run_id = Some(run_id.to_string());
+            ev.agent_version = request.agent_version.clone();
+            ev.detail = Some(format!("platform status: {status}"));
+            let triggered = lifecycle(envelope, &ev);
+            self.publish_run_event(&triggered, key).await.map_err(|e| ("publish triggered event", e.to_string()))?;
+            Ok::<_, (&str, String)>(())
+        }
+        .await;
+        if let Err((action, detail)) = recorded {
+            self.release(key, token).await;
+            return self.infra_retry(delivery, agent, action, &detail).await;
+        }
+        match self.store.commit(&claim_key(key), token, run_id, self.config.dedup_ttl).await {
+            Ok(true) => {}
+            // Our lease ran out and another worker took the event over; it reaches the same run
+            // through the same Idempotency-Key, so there is still one run.
+            Ok(false) => warn!(run_id, "claim lease expired before the commit; another worker owns the event now"),
+            Err(e) => {
+                self.release(key, token).await;
+                return self.infra_retry(delivery, agent, "commit idempotency key", &e.to_string()).await;
+            }
+        }
+        info!(run_id, "agent run triggered");
+        self.metrics.event(agent, outcome::TRIGGERED);
+        if let Err(e) = delivery.ack().await {
+            warn!(error = %e, "ack failed after the trigger; the redelivery will be dropped as a duplicate");
+        }
+    }
+
+    async fn on_transient(&self, delivery: Delivery, envelope: &Envelope, key: &str, agent: &str, e: &BackendError) {
+        let failures = match self.count_failure(key).await {
+            Ok(n) => n,
+            Err(err) => return self.infra_retry(delivery, agent, "count trigger failures", &err.to_string()).await,
+        };
+        if failures >= self.backoff.max_attempts {
+            let detail = format!("{failures} attempts; last: {e}");
+            return self.give_up(delivery, envelope, key, agent, reason::ATTEMPTS_EXHAUSTED, &detail).await;
+        }
+        let retry_after = e.retry_after();
+        if let (Some(429 | 503), Some(ra)) = (e.status(), retry_after) {
+            // The platform asked for a pause: hold this agent's other events too, not only this one.
+            let until = now_ms() + i64::try_from(ra.as_millis()).unwrap_or(0);
+            if let Err(err) =
+                self.store.set_flag(&slowdown_flag(agent), &until.to_string(), Some(ra.max(MIN_HOLD))).await
+            {
+                warn!(error = %err, "cannot set the slowdown flag; only this event waits for Retry-After");
+            }
+        }
+        let delay = self.backoff.delay_at_least(failures, retry_after);
+        warn!(error = %e, failures, delay_ms = delay.as_millis() as u64, "trigger failed; retrying later");
+        self.metrics.event(agent, outcome::RETRIED);
+        if let Err(err) = delivery.retry_later(delay).await {
+            warn!(error = %err, "retry_later failed; the event will be redelivered");
+        }
+    }
+
+    /// Increments the event's failure count and returns it.
+    async fn count_failure(&self, key: &str) -> Result<u32, StoreError> {
+        let flag = failures_flag(key);
+        let before = self.store.get_flag(&flag).await?.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+        let now = before.saturating_add(1);
+        self.store.set_flag(&flag, &now.to_string(), Some(self.config.dedup_ttl)).await?;
+        Ok(now)
+    }
+
+    /// Publishes `failed`, then dead-letters (which acks).
+    async fn give_up(
+        &self,
+        delivery: Delivery,
+        envelope: &Envelope,
+        key: &str,
+        agent: &str,
+        reason_code: &str,
+        detail: &str,
+    ) {
+        let mut ev = run_event(envelope, RunStage::Failed, delivery.attempt());
+        ev.reason = Some(reason_code.to_string());
+        ev.detail = Some(detail.to_string());
+        let failed = lifecycle(envelope, &ev);
+        if let Err(e) = self.publish_run_event(&failed, key).await {
+            return self.infra_retry(delivery, agent, "publish failed event", &e.to_string()).await;
+        }
+        if let Err(e) = self.store.clear_flag(&failures_flag(key)).await {
+            // Harmless: a replay of the dead letter would start with fewer retries left.
+            debug!(error = %e, "cannot clear the failure counter");
+        }
+        self.dead_letter(delivery, agent, reason_code, detail).await
+    }
+
+    async fn dead_letter(&self, delivery: Delivery, agent: &str, reason_code: &str, detail: &str) {
+        match delivery.dead_letter(&self.topics, Stage::Trigger, reason_code, detail, SERVICE).await {
+            Ok(record) => {
+                warn!(reason = reason_code, dead_letter_id = %record.id, detail, "event dead-lettered to dlq.trigger");
+                self.metrics.dead_letter(agent, reason_code);
+            }
+            Err(e) => warn!(error = %e, reason = reason_code, "dead-lettering failed; the event will be redelivered"),
+        }
+    }
+
+    async fn hold(&self, delivery: Delivery, agent: &str, why: &'static str, delay: Duration) {
+        debug!(why, delay_ms = delay.as_millis() as u64, "event held");
+        self.metrics.event(agent, why);
+        if let Err(e) = delivery.retry_later(delay.max(MIN_HOLD)).await {
+            warn!(error = %e, "parking a held event failed; it will be redelivered");
+        }
+    }
+
+    /// Fail closed: the store or broker did not answer, so nothing is triggered or acked; the
+    /// event comes back after a backoff.
+    async fn infra_retry(&self, delivery: Delivery, agent: &str, action: &str, detail: &str) {
+        let delay = self.backoff.delay(delivery.attempt()).max(MIN_HOLD);
+        warn!(
+            action,
+            error = detail,
+            delay_ms = delay.as_millis() as u64,
+            "dependency failed; event not acknowledged, retrying later"
+        );
+        self.metrics.event(agent, outcome::INFRA_ERROR);
+        if let Err(e) = delivery.retry_later(delay).await {
+            warn!(error = %e, "retry_later failed; the event will be redelivered");
+        }
+    }
+
+    async fn release(&self, key: &str, token: &str) {
+        // If this fails the claim still expires with its lease; the retry then waits for it.
+        if let Err(e) = self.store.release(&claim_key(key), token).await {
+            warn!(error = %e, "cannot release the claim; it expires with its lease");
+        }
+    }
+
+    async fn publish_run_event(&self, event: &Envelope, key: &str) -> Result<(), TransportError> {
+        self.transport.publish(&self.topics.runs(), Message::new(Some(key.to_string()), event.to_vec())).await
+    }
+}
+
+/// Parses a normalized event and returns it with the two attributes the worker cannot do
+/// without: the idempotency key and the agent.
+fn parse(bytes: &[u8]) -> Result<(Envelope, String, String), String> {
+    let e = Envelope::from_slice(bytes).map_err(|e| e.to_string())?;
+    let required = |name: &str, v: &Option<String>| match v.as_deref().map(str::trim) {
+        Some(s) if !s.is_empty() => Ok(s.to_string()),
+        _ => Err(format!("required attribute `{name}` is missing or empty")),
+    };
+    let key = required("idempotencykey", &e.idempotencykey)?;
+    let agent = required("agent", &e.agent)?;
+    Ok((e, key, agent))
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn data_str<'a>(e: &'a Envelope, pointer: &str) -> Option<&'a str> {
+    e.data.pointer(pointer).and_then(Value::as_str)
+}
+
+/// The value a rate limit is keyed by: a CloudEvent attribute, an extension, or a JSON pointer
+/// into the data.
+fn key_value(e: &Envelope, key_by: &str) -> Option<String> {
+    if key_by.starts_with('/') {
+        return match e.data.pointer(key_by)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Null => None,
+            other => Some(other.to_string()),
+        };
+    }
+    let v = match key_by {
+        "id" => Some(e.id.as_str()),
+        "source" => Some(e.source.as_str()),
+        "type" => Some(e.ty.as_str()),
+        "subject" => e.subject.as_deref(),
+        "idempotencykey" => e.idempotencykey.as_deref(),
+        "agent" => e.agent.as_deref(),
+        "agentversion" => e.agentversion.as_deref(),
+        "businessprocess" => e.businessprocess.as_deref(),
+        "costcenter" => e.costcenter.as_deref(),
+        "department" => e.department.as_deref(),
+        "environment" => e.environment.as_deref(),
+        "sourceeventid" => e.sourceeventid.as_deref(),
+        other => e.extension_str(other),
+    };
+    v.filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+/// The canary share is chosen from the idempotency key, so every replica (and every retry of
+/// the same event) picks the same version.
+pub fn canary_bucket(idempotency_key: &str) -> u8 {
+    let h = Sha256::digest(idempotency_key.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&h[..8]);
+    (u64::from_be_bytes(b) % 100) as u8
+}
+
+fn trigger_request(e: &Envelope, key: &str, agent: &str, rt: &AgentRuntime, callback_url: &str) -> TriggerRequest {
+    let agent_version = match &rt.run.canary {
+        Some(c) if canary_bucket(key) < c.percent => Some(c.version.clone()),
+        _ => e.agentversion.clone(),
+    };
+    TriggerRequest {
+        agent: agent.to_string(),
+        agent_id: rt.agent_id.clone(),
+        agent_version,
+        input: e.data.get("input").cloned().unwrap_or_else(|| json!({})),
+        callback_url: callback_url.to_string(),
+        idempotency_key: key.to_string(),
+        metadata: RunMetadata {
+            business_process: e.businessprocess.clone(),
+            source: data_str(e, "/source/system").map(str::to_string),
+            source_event_id: e.sourceeventid.clone(),
+            source_entity_id: data_str(e, "/source/entity_id").map(str::to_string),
+            environment: e.environment.clone(),
+            cost_center: e.costcenter.clone(),
+            idempotency_key: key.to_string(),
+        },
+    }
+}
+
+/// What later stages need about a run (`put_run`): correlation, business metadata and the
+/// input fields business rules read.
+fn run_state(e: &Envelope, original: &[u8], key: &str, agent: &str, request: &TriggerRequest, run_id: &str) -> Value {
+    json!({
+        // The normalized event as received (valid UTF-8: it parsed as JSON), so the watchdog
+        // can dead-letter the original bytes when the run never completes.
+        "event": String::from_utf8_lossy(original),
+        "run_id": run_id,
+        "idempotency_key": key,
+        "agent": agent,
+        "agent_id": request.agent_id,
+        "agent_version": request.agent_version,
+        "event_id": e.id,
+        "event_type": e.ty,
+        "subject": e.subject,
+        "source": e.data.get("source").cloned().unwrap_or(Value::Null),
+        "source_event_id": e.sourceeventid,
+        "business_process": e.businessprocess,
+        "cost_center": e.costcenter,
+        "department": e.department,
+        "environment": e.environment,
+        "writeback_target": e.extension_str("writebacktarget"),
+        "traceparent": e.traceparent,
+        "input": request.input,
+        "triggered_at": chrono::Utc::now().to_rfc3339(),
+    })
+}
+
+/// The `runs` record of one step of `e` (the shared [`RunEvent`] contract metering reads).
+pub(crate) fn run_event(e: &Envelope, stage: RunStage, attempt: u32) -> RunEvent {
+    RunEvent {
+        idempotency_key: e.idempotencykey.clone().unwrap_or_default(),
+        run_id: None,
+        stage,
+        at: chrono::Utc::now(),
+        agent: e.agent.clone().unwrap_or_default(),
+        agent_version: e.agentversion.clone(),
+        source_system: data_str(e, "/source/system").map(str::to_string),
+        source_event_id: e.sourceeventid.clone(),
+        business_process: e.businessprocess.clone(),
+        reason: None,
+        detail: None,
+        attempt,
+    }
+}
+
+/// A `runs` lifecycle CloudEvent ([`RUN_EVENT_TYPE`], data = `ev`) carrying the event's
+/// correlation and business attributes.
+pub(crate) fn lifecycle(e: &Envelope, ev: &RunEvent) -> Envelope {
+    let key = &ev.idempotency_key;
+    // Deterministic ids: a repeated step produces the same id, so consumers can dedup on it.
+    // Claims happen once per attempt, so their id carries it.
+    let id = match ev.stage {
+        RunStage::Claimed => format!("{key}.claimed.{}", ev.attempt),
+        stage => format!("{key}.{}", stage.as_str()),
+    };
+    // Serializing a struct of strings, numbers and timestamps cannot fail.
+    let data = serde_json::to_value(ev).unwrap_or(Value::Null);
+    let mut out = Envelope::new(id, format!("agentbridge/{SERVICE}"), RUN_EVENT_TYPE, data);
+    out.time = Some(ev.at);
+    out.subject = e.subject.clone();
+    out.idempotencykey = e.idempotencykey.clone();
+    out.agent = e.agent.clone();
+    out.agentversion = ev.agent_version.clone();
+    out.businessprocess = e.businessprocess.clone();
+    out.costcenter = e.costcenter.clone();
+    out.department = e.department.clone();
+    out.environment = e.environment.clone();
+    out.sourceeventid = e.sourceeventid.clone();
+    let trace = e.traceparent.as_deref().and_then(TraceParent::parse).map_or_else(TraceParent::new_root, |t| t.child());
+    out.traceparent = Some(trace.to_string());
+    if let Some(id) = &ev.run_id {
+        out = out.with_extension("runid", id.as_str());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event() -> Envelope {
+        let mut e = Envelope::new(
+            "k1",
+            "agentbridge/normalizer/zendesk",
+            "zendesk.ticket.created",
+            json!({"input": {"ticket_id": "42"}, "source": {"system": "zendesk", "entity_id": "42", "entity_type": "ticket"}}),
+        );
+        e.idempotencykey = Some("k1".into());
+        e.agent = Some("support-triage".into());
+        e.costcenter = Some("cc-7".into());
+        e.with_extension("writebacktarget", "zendesk")
+    }
+
+    #[test]
+    fn parse_requires_key_and_agent() {
+        let mut e = event();
+        assert!(parse(&e.to_vec()).is_ok());
+        e.agent = None;
+        assert_eq!(parse(&e.to_vec()).expect_err("no agent"), "required attribute `agent` is missing or empty");
+        assert!(parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn rate_limit_keys_come_from_attributes_extensions_or_pointers() {
+        let e = event();
+        assert_eq!(key_value(&e, "costcenter").as_deref(), Some("cc-7"));
+        assert_eq!(key_value(&e, "writebacktarget").as_deref(), Some("zendesk"));
+        assert_eq!(key_value(&e, "/source/system").as_deref(), Some("zendesk"));
+        assert_eq!(key_value(&e, "department"), None);
+        assert_eq!(key_value(&e, "/input/missing"), None);
+    }
+
+    #[test]
+    fn canary_buckets_are_stable_and_spread() {
+        assert_eq!(canary_bucket("abc"), canary_bucket("abc"));
+        let below_10 = (0..1000).filter(|i| canary_bucket(&format!("key-{i}")) < 10).count();
+        assert!((50..150).contains(&below_10), "{below_10}");
+    }
+
+    fn runtime(canary_percent: Option<u8>) -> AgentRuntime {
+        let run = AgentRunConfig {
+            canary: canary_percent
+                .map(|percent| agentbridge_config::CanaryConfig { version: "v2-canary".into(), percent }),
+            ..AgentRunConfig::default()
+        };
+        let backend = WorkspaceBackend::new("http://127.0.0.1:1", "st-1", &run).expect("client");
+        AgentRuntime { agent_id: "st-1".into(), run, backend: Arc::new(backend), permits: Arc::new(Semaphore::new(1)) }
+    }
+
+    #[test]
+    fn trigger_request_carries_input_metadata_and_canary_version() {
+        let mut e = event();
+        e.agentversion = Some("v1".into());
+        e.businessprocess = Some("customer_support".into());
+        e.sourceeventid = Some("evt-9".into());
+        let r = trigger_request(&e, "k1", "support-triage", &runtime(None), "https://cb.example/cb");
+        assert_eq!(r.agent_id, "st-1");
+        assert_eq!(r.input, json!({"ticket_id": "42"}));
+        assert_eq!(r.idempotency_key, "k1");
+        assert_eq!(r.agent_version.as_deref(), Some("v1"));
+        assert_eq!(r.metadata.source.as_deref(), Some("zendesk"));
+        assert_eq!(r.metadata.source_entity_id.as_deref(), Some("42"));
+        assert_eq!(r.metadata.source_event_id.as_deref(), Some("evt-9"));
+        assert_eq!(r.metadata.cost_center.as_deref(), Some("cc-7"));
+        assert_eq!(r.metadata.business_process.as_deref(), Some("customer_support"));
+        let all = trigger_request(&e, "k1", "support-triage", &runtime(Some(100)), "https://cb.example/cb");
+        assert_eq!(all.agent_version.as_deref(), Some("v2-canary"));
+        let none = trigger_request(&e, "k1", "support-triage", &runtime(Some(0)), "https://cb.example/cb");
+        assert_eq!(none.agent_version.as_deref(), Some("v1"));
+        // A given key always lands on the same side of the split.
+        let split = runtime(Some(50));
+        let side = |k: &str| trigger_request(&e, k, "support-triage", &split, "x").agent_version;
+        for i in 0..20 {
+            let k = format!("key-{i}");
+            assert_eq!(side(&k), side(&k));
+            let want = if canary_bucket(&k) < 50 { "v2-canary" } else { "v1" };
+            assert_eq!(side(&k).as_deref(), Some(want));
+        }
+    }
+
+    #[test]
+    fn lifecycle_events_follow_the_runs_contract() {
+        let e = event();
+        let mut ev = run_event(&e, RunStage::Triggered, 2);
+        ev.run_id = Some("run_1".into());
+        let l = lifecycle(&e, &ev);
+        assert_eq!(l.id, "k1.triggered");
+        assert_eq!(l.ty, RUN_EVENT_TYPE);
+        let back: RunEvent = serde_json::from_value(l.data.clone()).expect("RunEvent data");
+        assert_eq!(back.stage, RunStage::Triggered);
+        assert_eq!(back.run_id.as_deref(), Some("run_1"));
+        assert_eq!(back.attempt, 2);
+        assert_eq!(back.idempotency_key, "k1");
+        assert_eq!(back.source_system.as_deref(), Some("zendesk"));
+        assert_eq!(l.costcenter.as_deref(), Some("cc-7"));
+        assert_eq!(l.extension_str("runid"), Some("run_1"));
+        assert!(Envelope::from_slice(&l.to_vec()).is_ok(), "a valid CloudEvent");
+        assert_eq!(lifecycle(&e, &run_event(&e, RunStage::Claimed, 3)).id, "k1.claimed.3");
+    }
+}

@@ -1,0 +1,173 @@
+//! The Workspace Agents HTTP backend (also what the simulator speaks): `POST` the trigger with
+//! an `Idempotency-Key` header, `GET` the run to poll. Paths and base URL come from
+//! configuration because the platform's API version may change.
+//!
+//! Classification: 408, 429, 5xx, timeouts and connection errors are transient (with the
+//! server's `Retry-After` when it sends one); any other 4xx is permanent and carries the status
+//! and a body excerpt into the dead letter.
+
+use std::time::Duration;
+
+use agentbridge_config::{AgentRunConfig, Secret};
+use async_trait::async_trait;
+use reqwest::header::{HeaderMap, RETRY_AFTER};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::backend::{AgentBackend, RunStatus, TriggerAccepted, TriggerRequest};
+use crate::error::{excerpt, BackendError};
+
+/// The header carrying the idempotency key to the platform.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "Idempotency-Key";
+
+/// An HTTP client for one agent.
+#[derive(Clone)]
+pub struct WorkspaceBackend {
+    client: reqwest::Client,
+    base_url: String,
+    trigger_path: String,
+    poll_path: String,
+    api_key: Option<Secret>,
+}
+
+impl WorkspaceBackend {
+    /// `agent_id` fills `{agent_id}` in the trigger path.
+    pub fn new(base_url: &str, agent_id: &str, run: &AgentRunConfig) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(run.request_timeout)
+            .connect_timeout(run.request_timeout.min(Duration::from_secs(10)))
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            trigger_path: run.trigger_path.replace("{agent_id}", agent_id),
+            poll_path: run.poll_path.clone(),
+            api_key: run.api_key.clone(),
+        })
+    }
+
+    fn authorize(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(key) => req.bearer_auth(key.expose()),
+            None => req,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Accepted {
+    id: String,
+    #[serde(default)]
+    status: Option<String>,
+}
+
+#[async_trait]
+impl AgentBackend for WorkspaceBackend {
+    async fn trigger(&self, request: &TriggerRequest) -> Result<TriggerAccepted, BackendError> {
+        let m = &request.metadata;
+        let mut body = json!({
+            "agent_id": request.agent_id,
+            "input": request.input,
+            "callback_url": request.callback_url,
+            "metadata": {
+                "business_process": m.business_process,
+                "source": m.source,
+                "source_event_id": m.source_event_id,
+                "source_entity_id": m.source_entity_id,
+                "environment": m.environment,
+                "cost_center": m.cost_center,
+                "idempotency_key": m.idempotency_key,
+            },
+        });
+        if let Some(v) = &request.agent_version {
+            body["agent_version"] = json!(v);
+        }
+        let url = format!("{}{}", self.base_url, self.trigger_path);
+        let req = self.client.post(&url).header(IDEMPOTENCY_KEY_HEADER, &request.idempotency_key).json(&body);
+        let resp = self.authorize(req).send().await.map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        let retry_after = parse_retry_after(resp.headers());
+        // A body we cannot read after a 2xx is retried: the platform dedups on the same
+        // Idempotency-Key, so the retry learns the run id instead of starting a second run.
+        let text = resp.text().await.map_err(transport_error)?;
+        if !(200..300).contains(&status) {
+            return Err(BackendError::from_status(status, &text, retry_after));
+        }
+        let accepted: Accepted = serde_json::from_str(&text).map_err(|e| BackendError::Transient {
+            status: Some(status),
+            detail: format!("unreadable trigger answer ({e}): {}", excerpt(&text)),
+            retry_after: None,
+        })?;
+        if accepted.id.is_empty() {
+            return Err(BackendError::Transient {
+                status: Some(status),
+                detail: "trigger answer has an empty id".into(),
+                retry_after: None,
+            });
+        }
+        Ok(TriggerAccepted { run_id: accepted.id, status: accepted.status.unwrap_or_else(|| "queued".into()) })
+    }
+
+    async fn poll(&self, run_id: &str) -> Result<RunStatus, BackendError> {
+        let url = format!("{}{}", self.base_url, self.poll_path.replace("{run_id}", run_id));
+        let resp = self.authorize(self.client.get(&url)).send().await.map_err(transport_error)?;
+        let status = resp.status().as_u16();
+        let retry_after = parse_retry_after(resp.headers());
+        let text = resp.text().await.map_err(transport_error)?;
+        if !(200..300).contains(&status) {
+            return Err(BackendError::from_status(status, &text, retry_after));
+        }
+        serde_json::from_str(&text).map_err(|e| BackendError::Transient {
+            status: Some(status),
+            detail: format!("unreadable run ({e}): {}", excerpt(&text)),
+            retry_after: None,
+        })
+    }
+}
+
+/// Timeouts, refused connections, resets: the request may not have arrived, so retry.
+fn transport_error(e: reqwest::Error) -> BackendError {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "cannot connect"
+    } else {
+        "request failed"
+    };
+    BackendError::Transient { status: None, detail: format!("{kind}: {e}"), retry_after: None }
+}
+
+/// `Retry-After` as delay-seconds or an HTTP date (RFC 9110 §10.2.3); `None` when absent or
+/// unreadable. Capped at an hour so a bogus header cannot park an event for days.
+pub fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else {
+        let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+        let ms = at.timestamp_millis() - chrono::Utc::now().timestamp_millis();
+        Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+    };
+    Some(d.min(Duration::from_secs(3600)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_retry_after(&h), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("7"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(7)));
+        h.insert(RETRY_AFTER, HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::ZERO), "a past date means now");
+        h.insert(RETRY_AFTER, HeaderValue::from_static("soon"));
+        assert_eq!(parse_retry_after(&h), None);
+        h.insert(RETRY_AFTER, HeaderValue::from_static("999999"));
+        assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(3600)));
+    }
+}

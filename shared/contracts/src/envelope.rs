@@ -1,0 +1,242 @@
+//! The CloudEvents 1.0 envelope in structured JSON mode (`application/cloudevents+json`).
+//!
+//! Every message after the raw stage is one of these. Parsing is strict (a missing `id` or a
+//! `specversion` other than `1.0` is an error that names the attribute) because a message that
+//! cannot be correlated must go to a dead letter, not half-way through the pipeline.
+//! Serialization is deterministic (fixed attribute order, sorted extension and data keys), so
+//! the same input always gives the same bytes, which makes duplicates visible and testable.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The content type of a structured-mode CloudEvent.
+pub const CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// One CloudEvent with agentbridge's extension attributes.
+///
+/// The extension attributes are lower-case as the spec requires; the ones agentbridge uses are
+/// typed fields, anything else a producer sets is kept in [`Envelope::extensions`] and written
+/// back unchanged.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Always `"1.0"`.
+    pub specversion: String,
+    /// Unique per event *and* producer; agentbridge derives it from the idempotency key and
+    /// stage so that a re-run of a stage produces the same id.
+    pub id: String,
+    /// URI-reference of the producer, e.g. `agentbridge/normalizer/zendesk`.
+    pub source: String,
+    /// Event type, e.g. `agentbridge.normalized.v1` or `workspace.agent.run.completed`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<DateTime<Utc>>,
+    /// The business entity, e.g. `ticket/35436`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataschema: Option<String>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub data: Value,
+
+    /// hex sha256 of `<source>:<source event id>`; the partition key and dedup key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotencykey: Option<String>,
+    /// The agent alias the event is routed to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agentversion: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub businessprocess: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub costcenter: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub department: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
+    /// The vendor's own id of the event (Zendesk event id, ServiceNow sys_id+mod count ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sourceeventid: Option<String>,
+    /// W3C trace context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+    /// How many times this stage has tried the event (1 on the first try).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// Extension attributes agentbridge does not interpret, kept as received.
+    #[serde(flatten)]
+    pub extensions: BTreeMap<String, Value>,
+}
+
+/// Why bytes are not a valid envelope. Each variant names what is wrong.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum EnvelopeError {
+    #[error("not valid JSON: {0}")]
+    Json(String),
+    #[error("a CloudEvent must be a JSON object")]
+    NotAnObject,
+    #[error("required attribute `{0}` is missing or empty")]
+    Missing(&'static str),
+    #[error("specversion is `{0}`, expected `1.0`")]
+    SpecVersion(String),
+    #[error("attribute `{name}` is invalid: {reason}")]
+    Invalid { name: String, reason: String },
+}
+
+const REQUIRED: [&str; 4] = ["specversion", "id", "source", "type"];
+
+impl Envelope {
+    /// A new event with the required attributes and JSON data.
+    pub fn new(id: impl Into<String>, source: impl Into<String>, ty: impl Into<String>, data: Value) -> Self {
+        Self {
+            specversion: "1.0".into(),
+            id: id.into(),
+            source: source.into(),
+            ty: ty.into(),
+            time: None,
+            subject: None,
+            datacontenttype: Some("application/json".into()),
+            dataschema: None,
+            data,
+            idempotencykey: None,
+            agent: None,
+            agentversion: None,
+            businessprocess: None,
+            costcenter: None,
+            department: None,
+            environment: None,
+            sourceeventid: None,
+            traceparent: None,
+            attempt: None,
+            extensions: BTreeMap::new(),
+        }
+    }
+
+    /// Parses structured-mode JSON strictly.
+    pub fn from_slice(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|e| EnvelopeError::Json(e.to_string()))?;
+        let obj = value.as_object().ok_or(EnvelopeError::NotAnObject)?;
+        for name in REQUIRED {
+            match obj.get(name) {
+                Some(Value::String(s)) if !s.is_empty() => {}
+                Some(Value::String(_)) | None | Some(Value::Null) => return Err(EnvelopeError::Missing(name)),
+                Some(_) => return Err(EnvelopeError::Invalid { name: name.into(), reason: "must be a string".into() }),
+            }
+        }
+        if obj["specversion"] != "1.0" {
+            return Err(EnvelopeError::SpecVersion(obj["specversion"].as_str().unwrap_or_default().into()));
+        }
+        for (name, v) in obj {
+            if !valid_attribute_name(name) {
+                return Err(EnvelopeError::Invalid {
+                    name: name.clone(),
+                    reason: "attribute names are lower-case letters and digits only".into(),
+                });
+            }
+            if name != "data" && matches!(v, Value::Object(_) | Value::Array(_)) {
+                return Err(EnvelopeError::Invalid {
+                    name: name.clone(),
+                    reason: "context attributes must be strings, numbers or booleans".into(),
+                });
+            }
+        }
+        if let Some(v) = obj.get("attempt") {
+            if v.as_u64().is_none_or(|n| n > u64::from(u32::MAX)) {
+                return Err(EnvelopeError::Invalid {
+                    name: "attempt".into(),
+                    reason: "must be a non-negative integer".into(),
+                });
+            }
+        }
+        if let Some(v) = obj.get("time") {
+            if v.as_str().is_none_or(|t| DateTime::parse_from_rfc3339(t).is_err()) {
+                return Err(EnvelopeError::Invalid {
+                    name: "time".into(),
+                    reason: "must be an RFC 3339 timestamp".into(),
+                });
+            }
+        }
+        serde_json::from_value(value)
+            .map_err(|e| EnvelopeError::Invalid { name: "envelope".into(), reason: e.to_string() })
+    }
+
+    /// Deterministic structured-mode JSON.
+    pub fn to_vec(&self) -> Vec<u8> {
+        // Serializing a struct of strings, numbers and serde_json::Values cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn with_extension(mut self, name: &str, value: impl Into<Value>) -> Self {
+        self.extensions.insert(name.into(), value.into());
+        self
+    }
+
+    /// A string extension attribute that agentbridge does not model as a field.
+    pub fn extension_str(&self, name: &str) -> Option<&str> {
+        self.extensions.get(name).and_then(Value::as_str)
+    }
+}
+
+/// CloudEvents: attribute names consist of lower-case letters ('a' to 'z') or digits.
+fn valid_attribute_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Envelope {
+        let mut e =
+            Envelope::new("e1", "agentbridge/normalizer/zendesk", "agentbridge.normalized.v1", json!({"b": 1, "a": 2}));
+        e.idempotencykey = Some("k".into());
+        e.agent = Some("support-triage".into());
+        e.attempt = Some(1);
+        e.with_extension("writebacktarget", "zendesk")
+    }
+
+    #[test]
+    fn round_trip_is_byte_identical() {
+        let bytes = sample().to_vec();
+        let back = Envelope::from_slice(&bytes).expect("parses");
+        assert_eq!(back, sample());
+        assert_eq!(back.to_vec(), bytes);
+        let text = String::from_utf8(bytes).expect("utf8");
+        assert!(text.starts_with(r#"{"specversion":"1.0","id":"e1""#), "{text}");
+        assert!(text.contains(r#""data":{"a":2,"b":1}"#), "data keys are sorted: {text}");
+        assert!(text.contains(r#""writebacktarget":"zendesk""#));
+    }
+
+    #[test]
+    fn strict_parsing_names_the_problem() {
+        let cases: &[(&str, EnvelopeError)] = &[
+            ("{", EnvelopeError::Json(String::new())),
+            ("[]", EnvelopeError::NotAnObject),
+            (r#"{"specversion":"1.0","source":"s","type":"t"}"#, EnvelopeError::Missing("id")),
+            (r#"{"specversion":"1.0","id":"","source":"s","type":"t"}"#, EnvelopeError::Missing("id")),
+            (r#"{"id":"1","source":"s","type":"t"}"#, EnvelopeError::Missing("specversion")),
+            (r#"{"specversion":"0.3","id":"1","source":"s","type":"t"}"#, EnvelopeError::SpecVersion("0.3".into())),
+        ];
+        for (input, want) in cases {
+            let got = Envelope::from_slice(input.as_bytes()).expect_err(input);
+            match (want, &got) {
+                (EnvelopeError::Json(_), EnvelopeError::Json(_)) => {}
+                _ => assert_eq!(&got, want, "{input}"),
+            }
+        }
+        let bad_name = Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","Agent":"x"}"#);
+        assert!(matches!(bad_name, Err(EnvelopeError::Invalid { name, .. }) if name == "Agent"));
+        let bad_attempt =
+            Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","attempt":"x"}"#);
+        assert!(matches!(bad_attempt, Err(EnvelopeError::Invalid { .. })), "{bad_attempt:?}");
+        let nested = Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","agent":{"a":1}}"#);
+        assert!(matches!(nested, Err(EnvelopeError::Invalid { name, .. }) if name == "agent"));
+    }
+}

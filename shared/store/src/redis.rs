@@ -1,0 +1,387 @@
+//! The Redis store, shared by every replica.
+//!
+//! Guarantees:
+//! - Every multi-step operation (claim, commit, release, rate limit, take due deadlines) is one
+//!   Lua script, so replicas never interleave inside it; single-step ones are one command.
+//!   The exception is `list_flags`, a `SCAN` walk (never `KEYS`, which blocks Redis): it is not
+//!   a snapshot, so a flag set or cleared during the walk may or may not be listed.
+//! - The rate limiter reads the clock with `redis.call('TIME')`, so replicas whose own clocks
+//!   disagree still share one timeline; the maths is the memory store's `Gcra`, transcribed.
+//! - Every command is bounded by `store.redis.timeout`: past it the call returns
+//!   [`StoreError::Timeout`], never hangs. A timed-out write may still have been applied (a
+//!   claim then simply runs out with its lease), so callers treat it like any failure: stop and
+//!   retry later.
+//! - Fail closed: connection and I/O errors are [`StoreError::Unavailable`], odd replies
+//!   [`StoreError::Protocol`]; no error is ever turned into an answer.
+//! - Every key lives under `store.redis.key_prefix` (`<p>dedup:<key>`, `<p>rate:<key>`,
+//!   `<p>flag:<name>`, `<p>seen:<id>`, `<p>run:<id>`, and the sorted set `<p>deadlines`).
+//!
+//! Connecting is lazy-tolerant: [`RedisStore::connect`] fails only on a malformed URL, and waits
+//! at most one timeout (for a first `PING`). When Redis is down at start-up it logs a warning
+//! and returns a store whose every call fails until Redis answers; the [`ConnectionManager`]
+//! starts a reconnect in the background whenever a call finds the connection broken. A replica
+//! therefore starts, reports not-ready through `ping` (`/readyz`), and recovers without a
+//! restart, instead of crash-looping while Redis restarts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind};
+use agentbridge_config::RedisConfig;
+use async_trait::async_trait;
+
+use crate::memory::{ttl_ms, Gcra};
+use crate::{Claim, Rate, RateDecision, Store, StoreError};
+
+/// `SET NX` the claim, or report what holds the key. Replies `{'acquired'}` or
+/// `{'held', <current value>}`.
+const CLAIM: &str = r"
+if redis.call('SET', KEYS[1], 'claimed:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {'acquired'}
+end
+local v = redis.call('GET', KEYS[1])
+if not v then
+  -- Unreachable inside one script (the key cannot expire between SET and GET), but an answer
+  -- of 'held' with nothing would be misread as a duplicate.
+  return redis.error_reply('claim: key vanished')
+end
+return {'held', v}
+";
+
+/// Turn the caller's claim into the committed value; 1 if it still held the claim, else 0.
+const COMMIT: &str = r"
+if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'done:' .. ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Drop the caller's claim; 1 if it still held it, else 0.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+";
+
+/// GCRA, transcribed from `Gcra::decide`. ARGV: interval µs, capacity µs. Replies
+/// `{1, 0}` when allowed, `{0, retry_after_ms}` when not.
+///
+/// Lua numbers are doubles: microseconds since 1970 (~2^51) are exact, but `tostring` would
+/// print them in exponent form, hence `%.0f`.
+const RATE_LIMIT: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local capacity = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '')
+if tat == nil or tat < now then tat = now end
+local new_tat = tat + interval
+local ahead = new_tat - now
+if ahead <= capacity then
+  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
+  return {1, 0}
+end
+return {0, math.ceil((ahead - capacity) / 1000)}
+";
+
+/// Pop up to ARGV[2] members scored at or below ARGV[1]. Atomic, so every id returned was
+/// removed by this call and no other caller can also get it. `ZREM` goes in chunks because
+/// `unpack` of thousands of values overflows the Lua stack.
+const TAKE_DUE: &str = r"
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for i = 1, #ids, 100 do
+  redis.call('ZREM', KEYS[1], unpack(ids, i, math.min(i + 99, #ids)))
+end
+return ids
+";
+
+/// How many keys one `SCAN` step asks for: large enough that listing a few flags among
+/// millions of keys takes few round trips, small enough not to stall Redis.
+const SCAN_COUNT: usize = 1000;
+
+struct Scripts {
+    claim: Script,
+    commit: Script,
+    release: Script,
+    rate_limit: Script,
+    take_due: Script,
+}
+
+/// The Redis-backed [`Store`]. Cloning the inner connection is cheap; share the store itself
+/// behind an `Arc`.
+pub struct RedisStore {
+    conn: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    scripts: Scripts,
+}
+
+/// Hand-written so the connection (whose `Debug` includes the connection info) never reaches a
+/// log line.
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Builds the store; fails only when the URL is malformed (see the module docs for why a
+    /// down Redis is not an error here).
+    pub async fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
+        // The error text of a malformed URL never repeats the URL, which may hold a password.
+        let client = ::redis::Client::open(config.url.expose())
+            .map_err(|e| StoreError::Unavailable(format!("store.redis.url is not a usable Redis URL: {e}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            // Each failed request starts a fresh reconnect, so a long retry chain inside one
+            // attempt would only delay noticing that Redis is back.
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
+            .map_err(|e| StoreError::Unavailable(format!("cannot set up the Redis connection: {e}")))?;
+        let store = RedisStore {
+            conn,
+            prefix: config.key_prefix.clone(),
+            timeout: config.timeout,
+            scripts: Scripts {
+                claim: Script::new(CLAIM),
+                commit: Script::new(COMMIT),
+                release: Script::new(RELEASE),
+                rate_limit: Script::new(RATE_LIMIT),
+                take_due: Script::new(TAKE_DUE),
+            },
+        };
+        if let Err(e) = store.ping().await {
+            tracing::warn!(error = %e, "Redis store not reachable yet; every store call fails until it is");
+        }
+        Ok(store)
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}:{name}", self.prefix)
+    }
+
+    fn deadlines_key(&self) -> String {
+        format!("{}deadlines", self.prefix)
+    }
+
+    /// Runs one round trip under the configured timeout.
+    async fn run<T, F>(&self, fut: F) -> Result<T, StoreError>
+    where
+        F: std::future::Future<Output = Result<T, RedisError>>,
+    {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.classify(e)),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &::redis::Cmd) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(cmd.query_async(&mut conn)).await
+    }
+
+    async fn invoke<T: FromRedisValue>(&self, inv: &::redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        self.run(inv.invoke_async(&mut conn)).await
+    }
+
+    /// Server-side logic errors and undecodable replies are `Protocol` (retrying will not help
+    /// and someone must look); everything else means Redis could not be asked right now.
+    fn classify(&self, e: RedisError) -> StoreError {
+        if e.is_timeout() {
+            return StoreError::Timeout(self.timeout);
+        }
+        match e.kind() {
+            ErrorKind::Parse
+            | ErrorKind::UnexpectedReturnType
+            | ErrorKind::Extension
+            | ErrorKind::Server(
+                ServerErrorKind::ResponseError
+                | ServerErrorKind::ExecAbort
+                | ServerErrorKind::NoScript
+                | ServerErrorKind::CrossSlot
+                | ServerErrorKind::NotBusy
+                | ServerErrorKind::NoSub,
+            ) => StoreError::Protocol(e.to_string()),
+            _ => StoreError::Unavailable(e.to_string()),
+        }
+    }
+}
+
+/// Escapes `SCAN MATCH` glob metacharacters so a prefix matches literally.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let reply: Vec<String> =
+            self.invoke(self.scripts.claim.key(self.key("dedup", key)).arg(&token).arg(ttl_ms(lease))).await?;
+        match reply.as_slice() {
+            [status] if status == "acquired" => Ok(Claim::Acquired { token }),
+            [status, current] if status == "held" => {
+                if let Some(value) = current.strip_prefix("done:") {
+                    Ok(Claim::Done { value: value.to_string() })
+                } else if current.starts_with("claimed:") {
+                    Ok(Claim::InProgress)
+                } else {
+                    Err(StoreError::Protocol(format!(
+                        "dedup key {key:?} holds a value that is neither a claim nor a commit"
+                    )))
+                }
+            }
+            _ => Err(StoreError::Protocol(format!("claim script replied {} values", reply.len()))),
+        }
+    }
+
+    async fn commit(&self, key: &str, token: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let done: i64 =
+            self.invoke(self.scripts.commit.key(self.key("dedup", key)).arg(token).arg(value).arg(ttl_ms(ttl))).await?;
+        Ok(done == 1)
+    }
+
+    async fn release(&self, key: &str, token: &str) -> Result<bool, StoreError> {
+        let released: i64 = self.invoke(self.scripts.release.key(self.key("dedup", key)).arg(token)).await?;
+        Ok(released == 1)
+    }
+
+    async fn rate_limit(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError> {
+        let g = Gcra::new(rate);
+        let (allowed, retry_after_ms): (i64, i64) = self
+            .invoke(self.scripts.rate_limit.key(self.key("rate", key)).arg(g.interval_us).arg(g.capacity_us))
+            .await?;
+        let retry_after_ms = u64::try_from(retry_after_ms)
+            .map_err(|_| StoreError::Protocol(format!("rate limit script replied retry-after {retry_after_ms} ms")))?;
+        Ok(if allowed == 1 {
+            RateDecision { allowed: true, retry_after: Duration::ZERO }
+        } else {
+            RateDecision { allowed: false, retry_after: Duration::from_millis(retry_after_ms) }
+        })
+    }
+
+    async fn set_flag(&self, name: &str, value: &str, ttl: Option<Duration>) -> Result<(), StoreError> {
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(self.key("flag", name)).arg(value);
+        // A plain SET also drops any TTL an earlier set gave the flag, as "no ttl" promises.
+        if let Some(ttl) = ttl {
+            cmd.arg("PX").arg(ttl_ms(ttl));
+        }
+        self.query::<()>(&cmd).await
+    }
+
+    async fn get_flag(&self, name: &str) -> Result<Option<String>, StoreError> {
+        self.query(::redis::cmd("GET").arg(self.key("flag", name))).await
+    }
+
+    async fn clear_flag(&self, name: &str) -> Result<bool, StoreError> {
+        let removed: i64 = self.query(::redis::cmd("DEL").arg(self.key("flag", name))).await?;
+        Ok(removed > 0)
+    }
+
+    async fn list_flags(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let key_prefix = self.key("flag", "");
+        let pattern = format!("{}*", glob_escape(&format!("{key_prefix}{prefix}")));
+        // SCAN may return a key more than once; the map both dedups and sorts by name.
+        let mut flags = BTreeMap::new();
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = self
+                .query(::redis::cmd("SCAN").arg(cursor).arg("MATCH").arg(&pattern).arg("COUNT").arg(SCAN_COUNT))
+                .await?;
+            if !keys.is_empty() {
+                // A flag that expires between SCAN and MGET reads as nil and is left out.
+                let values: Vec<Option<String>> = self.query(::redis::cmd("MGET").arg(&keys)).await?;
+                for (k, v) in keys.into_iter().zip(values) {
+                    if let (Some(name), Some(v)) = (k.strip_prefix(&key_prefix), v) {
+                        flags.insert(name.to_string(), v);
+                    }
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        Ok(flags.into_iter().collect())
+    }
+
+    async fn first_seen(&self, id: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let set: Option<String> = self
+            .query(::redis::cmd("SET").arg(self.key("seen", id)).arg(1).arg("NX").arg("PX").arg(ttl_ms(ttl)))
+            .await?;
+        Ok(set.is_some())
+    }
+
+    async fn put_run(&self, run_id: &str, state: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.query::<()>(::redis::cmd("SET").arg(self.key("run", run_id)).arg(state).arg("PX").arg(ttl_ms(ttl))).await
+    }
+
+    async fn get_run(&self, run_id: &str) -> Result<Option<String>, StoreError> {
+        self.query(::redis::cmd("GET").arg(self.key("run", run_id))).await
+    }
+
+    async fn delete_run(&self, run_id: &str) -> Result<(), StoreError> {
+        self.query::<i64>(::redis::cmd("DEL").arg(self.key("run", run_id))).await.map(|_| ())
+    }
+
+    async fn schedule_deadline(&self, run_id: &str, at_unix_ms: i64) -> Result<(), StoreError> {
+        self.query::<i64>(::redis::cmd("ZADD").arg(self.deadlines_key()).arg(at_unix_ms).arg(run_id)).await.map(|_| ())
+    }
+
+    async fn cancel_deadline(&self, run_id: &str) -> Result<bool, StoreError> {
+        let removed: i64 = self.query(::redis::cmd("ZREM").arg(self.deadlines_key()).arg(run_id)).await?;
+        Ok(removed > 0)
+    }
+
+    async fn take_due(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        // `LIMIT 0 0` would be fine, but a negative count means "all" to Redis: never send one.
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.invoke(self.scripts.take_due.key(self.deadlines_key()).arg(now_unix_ms).arg(limit)).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pong: String = self.query(&::redis::cmd("PING")).await?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(StoreError::Protocol(format!("PING answered {pong:?}")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_metacharacters_are_escaped() {
+        assert_eq!(glob_escape("ab:flag:paused:"), "ab:flag:paused:");
+        assert_eq!(glob_escape("a*b?c[d]e\\"), "a\\*b\\?c\\[d\\]e\\\\");
+    }
+}

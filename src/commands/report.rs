@@ -1,0 +1,103 @@
+//! `agentbridge report chargeback|usage|aggregate`: statements from the metering ledger
+//! (`metering.ledger_url`).
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use agentbridge_config::Config;
+use agentbridge_metering::ledger::UsageFilter;
+use agentbridge_metering::report::{self, Format, Granularity};
+use agentbridge_metering::{Dimension, Ledger};
+use anyhow::{anyhow, Context};
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum ReportCommand {
+    /// A departmental statement: runs, tokens and credits per group over one period.
+    Chargeback {
+        /// `YYYY-MM` (a month) or `YYYY-MM-DD` (a day), UTC.
+        #[arg(long)]
+        period: String,
+        /// cost_center, department, business_process, agent, environment or source_system.
+        #[arg(long, default_value = "cost_center")]
+        by: String,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// One agent's p50/p90/p95/p99 tokens and credits per run, success rate and credits per
+    /// completed business event.
+    Usage {
+        #[arg(long)]
+        agent: String,
+        /// RFC 3339 time, date (YYYY-MM-DD) or duration back from now (7d, 24h).
+        #[arg(long, default_value = "30d")]
+        since: String,
+        /// Same forms as --since; default now.
+        #[arg(long)]
+        until: Option<String>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Runs, success rate and credits per run (mean, p50..p99) per group and hour/day/month.
+    Aggregate {
+        #[arg(long, default_value = "agent")]
+        by: String,
+        /// hour, day or month.
+        #[arg(long, default_value = "day")]
+        granularity: String,
+        #[arg(long, default_value = "7d")]
+        since: String,
+        #[arg(long)]
+        until: Option<String>,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+}
+
+/// Opens the configured ledger (migrating it, so a fresh SQLite file reports zeros).
+pub async fn open_ledger(config: &Config) -> anyhow::Result<Ledger> {
+    let m = &config.metering;
+    Ledger::open(m.ledger_url.expose(), m.max_connections).await.context("open the metering ledger")
+}
+
+pub async fn run(config: Option<&Path>, command: ReportCommand) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    let now = chrono::Utc::now();
+    let instant = |s: &str| report::parse_instant(s, now).map_err(|e| anyhow!(e));
+    let ledger = open_ledger(&config).await?;
+    let out = match command {
+        ReportCommand::Chargeback { period, by, format } => {
+            let by: Dimension = by.parse().map_err(|e: String| anyhow!(e))?;
+            let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
+            let c = report::chargeback(&ledger, &period, by).await.map_err(|e| anyhow!(e))?;
+            report::render_chargeback(&c, format)
+        }
+        ReportCommand::Usage { agent, since, until, format } => {
+            let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
+            let until = until.as_deref().map(instant).transpose()?;
+            let r = report::usage(&ledger, &agent, Some(instant(&since)?), until).await?;
+            report::render_usage(&r, format)
+        }
+        ReportCommand::Aggregate { by, granularity, since, until, format } => {
+            let by: Dimension = by.parse().map_err(|e: String| anyhow!(e))?;
+            let granularity: Granularity = granularity.parse().map_err(|e: String| anyhow!(e))?;
+            let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
+            let filter = UsageFilter {
+                since: Some(instant(&since)?),
+                until: until.as_deref().map(instant).transpose()?,
+                ..Default::default()
+            };
+            let rows = report::aggregates(&ledger, &filter, by, granularity).await?;
+            report::render_aggregates(&rows, by, format)
+        }
+    };
+    ledger.close().await;
+    print!("{out}");
+    if !out.ends_with('\n') {
+        println!();
+    }
+    Ok(ExitCode::SUCCESS)
+}

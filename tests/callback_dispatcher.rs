@@ -1,0 +1,726 @@
+//! The callback-dispatcher end to end: the signed callback endpoint (every signature case, size,
+//! content type, replay), the validation worker (results, review, dead letters, usage, lifecycle,
+//! duplicate completions) on the in-memory bus, and the same path on real RabbitMQ / Kafka
+//! (Tansu) with Redis. Each test has its own topic and key prefix.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentbridge_callback_dispatcher::service::{self, Running};
+use agentbridge_callback_dispatcher::signature::{sign_seed, sign_standard};
+use agentbridge_config::{Config, RedisConfig, Secret, StoreConfig, StoreKind};
+use agentbridge_contracts::{DeadLetter, Envelope, RunEvent, RunStage, Topics, UsageRecord};
+use agentbridge_runtime::CancellationToken;
+use agentbridge_transport::{Message, Transport};
+use bytes::Bytes;
+use common::{redis_url, transport_config, unique_prefix, Backend};
+use serde_json::{json, Value};
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const OLD_SECRET: &str = "whsec_dGhpc19zZWNyZXRfaXNfZm9yX3Rlc3Rpbmdfb25seQ==";
+const SEED: &str = "seed-secret-1";
+const PATH: &str = "/callbacks/workspace";
+
+async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(String, Bytes)>>>;
+
+struct Harness {
+    topics: Topics,
+    transport: Arc<dyn Transport>,
+    store: Arc<dyn agentbridge_store::Store>,
+    addr: SocketAddr,
+    seen: Seen,
+    cancel: CancellationToken,
+    running: Option<Running>,
+    http: reqwest::Client,
+}
+
+impl Harness {
+    async fn start(backend: Backend) -> Self {
+        Self::start_with(backend, |_| {}).await
+    }
+
+    async fn start_with(backend: Backend, tweak: impl FnOnce(&mut Config)) -> Self {
+        agentbridge_runtime::telemetry::init_for_tests();
+        let prefix = unique_prefix();
+        let yaml = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/callback-dispatcher.yaml"),
+        )
+        .expect("fixture");
+        let mut config = Config::from_layers(&yaml, Vec::<(String, String)>::new()).expect("config");
+        config.dispatcher.secrets = vec![Secret::new(SECRET), Secret::new(OLD_SECRET), Secret::new(SEED)];
+        config.dispatcher.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        config.schemas_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+        config.transport = transport_config(backend, &prefix);
+        if backend != Backend::Memory {
+            config.store = StoreConfig {
+                kind: StoreKind::Redis,
+                redis: RedisConfig {
+                    url: Secret::new(redis_url()),
+                    key_prefix: format!("{prefix}:"),
+                    timeout: Duration::from_secs(2),
+                },
+            };
+        }
+        tweak(&mut config);
+        let topics = Topics::new(prefix.clone());
+        let transport = agentbridge_transport::connect(&config.transport).await.expect("transport");
+        let store = agentbridge_store::connect(&config.store).await.expect("store");
+        let outputs = vec![
+            topics.completions(),
+            topics.results("customer_support"),
+            topics.review(),
+            topics.usage(),
+            topics.runs(),
+            topics.alerts(),
+            topics.dlq("validate"),
+            topics.dlq("writeback"),
+        ];
+        transport.ensure_topics(&outputs).await.expect("topics");
+        // One probe group on every output topic, subscribed before anything is produced.
+        let mut sub = transport.subscribe("probe", &outputs).await.expect("probe");
+        let seen: Seen = Arc::default();
+        let sink = seen.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(d)) = sub.next().await {
+                sink.lock().expect("lock").push((d.topic().to_string(), d.payload().clone()));
+                let _ = d.ack().await;
+            }
+        });
+        let cancel = CancellationToken::new();
+        let running = service::start(&config, transport.clone(), store.clone(), cancel.clone()).await.expect("start");
+        let addr = running.addr;
+        Self { topics, transport, store, addr, seen, cancel, running: Some(running), http: reqwest::Client::new() }
+    }
+
+    fn on(&self, topic: &str) -> Vec<Bytes> {
+        self.seen.lock().expect("lock").iter().filter(|(t, _)| t == topic).map(|(_, b)| b.clone()).collect()
+    }
+
+    async fn post(&self, headers: &[(&str, String)], content_type: &str, body: Vec<u8>) -> u16 {
+        let mut req = self.http.post(format!("http://{}{PATH}", self.addr)).header("content-type", content_type);
+        for (n, v) in headers {
+            req = req.header(*n, v);
+        }
+        req.body(body).send().await.expect("send").status().as_u16()
+    }
+
+    async fn stop(mut self) {
+        self.cancel.cancel();
+        if let Some(r) = self.running.take() {
+            tokio::time::timeout(Duration::from_secs(30), r.stopped()).await.expect("drained").expect("stopped");
+        }
+    }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn sw(secret: &str, id: &str, ts: i64, body: &[u8]) -> Vec<(&'static str, String)> {
+    vec![
+        ("webhook-id", id.to_string()),
+        ("webhook-timestamp", ts.to_string()),
+        ("webhook-signature", sign_standard(secret, id, ts, body).expect("sign")),
+    ]
+}
+
+fn triage_output() -> Value {
+    json!({
+        "ticket_id": "35436", "severity": "high", "recommended_queue": "billing", "escalation_required": false,
+        "customer_sentiment": "frustrated",
+        "evidence": [{"source": "latest_message", "quote": "payment failed", "reason": "billing failure"}],
+        "suggested_internal_note": "Route to billing."
+    })
+}
+
+fn callback(run_id: &str, ty: &str, status: &str, output: Value) -> Vec<u8> {
+    json!({
+        "object": "event", "id": format!("evt_{run_id}"), "type": ty, "created_at": now(),
+        "data": {
+            "id": run_id, "agent_id": "support-triage", "status": status, "output": output,
+            "usage": {"input_tokens": 120, "output_tokens": 80, "total_tokens": 200},
+            "completed_at": chrono::Utc::now().to_rfc3339(),
+            "error": if status == "failed" { json!({"code": "server_error", "message": "upstream 503"}) } else { Value::Null },
+            "metadata": {"idempotency_key": format!("key-{run_id}"), "business_process": "customer_support", "source": "zendesk", "source_entity_id": "35436"}
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn put_run(h: &Harness, run_id: &str, input: Value) {
+    let state = json!({
+        "event": "{}", "run_id": run_id, "idempotency_key": format!("key-{run_id}"), "agent": "support-triage",
+        "agent_version": "v3", "source": {"system": "zendesk", "entity_type": "ticket", "entity_id": "35436"},
+        "source_event_id": "evt-1", "business_process": "customer_support", "cost_center": "cc-1", "department": "support",
+        "environment": "test", "writeback_target": "zendesk", "input": input, "triggered_at": chrono::Utc::now().to_rfc3339(),
+    });
+    h.store.put_run(run_id, &state.to_string(), Duration::from_secs(600)).await.expect("put run");
+    h.store.schedule_deadline(run_id, chrono::Utc::now().timestamp_millis() + 3_600_000).await.expect("deadline");
+}
+
+#[tokio::test]
+async fn callback_endpoint_verifies_and_publishes_each_callback_once() {
+    let h = Harness::start(Backend::Memory).await;
+    let body = callback("run_a", "workspace.agent.run.completed", "completed", triage_output());
+    let json = "application/json";
+
+    // Valid, then the same delivery again: 200 both times, one completion.
+    assert_eq!(h.post(&sw(SECRET, "msg_a", now(), &body), json, body.clone()).await, 200);
+    assert_eq!(h.post(&sw(SECRET, "msg_a", now(), &body), json, body.clone()).await, 200, "duplicate delivery");
+    // Rotated secret (the old one is still active).
+    let b2 = callback("run_b", "workspace.agent.run.completed", "completed", triage_output());
+    assert_eq!(h.post(&sw(OLD_SECRET, "msg_b", now(), &b2), json, b2.clone()).await, 200);
+    // Seed scheme.
+    let b3 = callback("run_c", "workspace.agent.run.completed", "completed", triage_output());
+    let ts = now();
+    let seed = vec![("OpenAI-Signature", sign_seed(SEED, ts, &b3)), ("OpenAI-Timestamp", ts.to_string())];
+    assert_eq!(h.post(&seed, json, b3.clone()).await, 200);
+    assert_eq!(h.post(&seed, json, b3.clone()).await, 200, "seed replay");
+
+    // Failures: wrong secret, stale, future, one byte changed, re-serialized JSON, no signature.
+    let b4 = callback("run_d", "workspace.agent.run.completed", "completed", triage_output());
+    let wrong = "whsec_c29tZS1vdGhlci1rZXk=";
+    assert_eq!(h.post(&sw(wrong, "msg_d", now(), &b4), json, b4.clone()).await, 401);
+    assert_eq!(h.post(&sw(SECRET, "msg_d", now() - 301, &b4), json, b4.clone()).await, 401, "stale");
+    assert_eq!(h.post(&sw(SECRET, "msg_d", now() + 301, &b4), json, b4.clone()).await, 401, "future");
+    let mut changed = b4.clone();
+    changed[5] ^= 1;
+    assert_eq!(h.post(&sw(SECRET, "msg_d", now(), &b4), json, changed).await, 401, "one byte");
+    let reserialized = serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(&b4).expect("json")).expect("ser");
+    assert_eq!(h.post(&sw(SECRET, "msg_d", now(), &b4), json, reserialized).await, 401, "re-serialized");
+    assert_eq!(h.post(&[], json, b4.clone()).await, 401, "unsigned");
+    // Content type and size.
+    assert_eq!(h.post(&sw(SECRET, "msg_e", now(), &b4), "text/plain", b4.clone()).await, 415);
+    let big = vec![b' '; 2 * 1024 * 1024];
+    assert_eq!(h.post(&sw(SECRET, "msg_f", now(), &big), json, big).await, 413);
+    // Unknown event type: acknowledged, not published.
+    let other = json!({"type": "workspace.agent.created", "data": {"id": "x"}}).to_string().into_bytes();
+    assert_eq!(h.post(&sw(SECRET, "msg_g", now(), &other), json, other).await, 200);
+
+    let completions = h.topics.completions();
+    eventually(Duration::from_secs(5), "three completions", || h.on(&completions).len() >= 3).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got: Vec<Envelope> = h.on(&completions).iter().map(|b| Envelope::from_slice(b).expect("cloudevent")).collect();
+    assert_eq!(got.len(), 3, "each accepted callback once");
+    assert_eq!(got[0].id, "msg_a");
+    assert_eq!(got[0].ty, "workspace.agent.run.completed");
+    assert_eq!(got[0].subject.as_deref(), Some("run_a"));
+    assert_eq!(got[0].idempotencykey.as_deref(), Some("key-run_a"));
+    assert_eq!(got[0].data["output"]["severity"], "high");
+    assert_eq!(got[2].id, "run_c.completed", "seed callbacks have no webhook id");
+    let metrics = h.running.as_ref().map(|r| r.metrics.clone()).expect("running");
+    assert_eq!(metrics.callbacks_count("unknown_type", "unknown_type"), 1);
+    assert_eq!(metrics.callbacks_count("replay", "replay"), 2);
+    assert_eq!(metrics.callbacks_count("rejected", "timestamp_stale"), 1);
+    assert_eq!(metrics.callbacks_count("rejected", "timestamp_future"), 1);
+    assert_eq!(metrics.callbacks_count("rejected", "signature_mismatch"), 3);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn worker_publishes_result_usage_and_lifecycle_once_per_run() {
+    let h = Harness::start(Backend::Memory).await;
+    put_run(&h, "run_ok", json!({"ticket_id": "35436", "customer": {"entitlement_status": "active"}})).await;
+    let body = callback("run_ok", "workspace.agent.run.completed", "completed", triage_output());
+    assert_eq!(h.post(&sw(SECRET, "msg_ok", now(), &body), "application/json", body.clone()).await, 200);
+    // The same completion again under another webhook id (e.g. the poller also saw it).
+    assert_eq!(h.post(&sw(SECRET, "msg_ok2", now(), &body), "application/json", body).await, 200);
+
+    let results = h.topics.results("customer_support");
+    eventually(Duration::from_secs(5), "a result", || !h.on(&results).is_empty()).await;
+    eventually(Duration::from_secs(5), "both completions", || h.on(&h.topics.completions()).len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let res = h.on(&results);
+    assert_eq!(res.len(), 1, "a duplicate completion publishes nothing twice");
+    let r = Envelope::from_slice(&res[0]).expect("result");
+    assert_eq!(r.id, "run_ok.result");
+    assert_eq!(r.data["decision"], "allow");
+    assert_eq!(r.data["agent_version"], "v3");
+    assert_eq!(r.data["source"]["entity_id"], "35436");
+    assert_eq!(r.data["correlated_by"], "run_state");
+    assert_eq!(r.data["output"]["recommended_queue"], "billing");
+    assert!(r.data["timings"]["validation_ms"].is_number());
+
+    let usage = h.on(&h.topics.usage());
+    assert_eq!(usage.len(), 1);
+    let u: UsageRecord = serde_json::from_value(Envelope::from_slice(&usage[0]).expect("usage").data).expect("record");
+    assert_eq!((u.input_tokens, u.output_tokens, u.cost_center.as_deref()), (120, 80, Some("cc-1")));
+    let runs: Vec<RunEvent> = h
+        .on(&h.topics.runs())
+        .iter()
+        .map(|b| serde_json::from_value(Envelope::from_slice(b).expect("run").data).expect("ev"))
+        .collect();
+    assert_eq!(runs.iter().map(|r| r.stage).collect::<Vec<_>>(), [RunStage::Completed, RunStage::Validated]);
+    assert_eq!(runs[1].run_id.as_deref(), Some("run_ok"));
+    // The completion cancelled the watchdog deadline.
+    let due = h.store.take_due(chrono::Utc::now().timestamp_millis() + 7_200_000, 10).await.expect("due");
+    assert!(due.is_empty(), "deadline still scheduled: {due:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn worker_routes_review_rejects_failures_and_alerts() {
+    let h = Harness::start(Backend::Memory).await;
+    let publish = |run: &str, ty: &str, status: &str, output: Value| {
+        let body = callback(run, ty, status, output);
+        let data: Value = serde_json::from_slice::<Value>(&body).expect("json")["data"].clone();
+        let mut e = Envelope::new(format!("{run}.{status}"), "test", ty, data);
+        e.idempotencykey = Some(format!("key-{run}"));
+        e
+    };
+    let mut review = triage_output();
+    review["recommended_queue"] = json!("engineering_escalation");
+    put_run(&h, "run_review", json!({"customer": {"entitlement_status": "expired"}})).await;
+    let mut invalid = triage_output();
+    invalid["recommended_queue"] = json!("identity");
+    let cases = [
+        publish("run_review", "workspace.agent.run.completed", "completed", review),
+        publish("run_invalid", "workspace.agent.run.completed", "completed", invalid),
+        publish("run_failed", "workspace.agent.run.failed", "failed", Value::Null),
+        publish(
+            "run_input",
+            "workspace.agent.run.completed",
+            "completed",
+            json!({"error": {"status": "input_invalid", "message": "no ticket"}}),
+        ),
+        publish(
+            "run_data",
+            "workspace.agent.run.completed",
+            "completed",
+            json!({"error": {"status": "insufficient_data", "message": "empty ticket"}}),
+        ),
+    ];
+    for e in &cases {
+        h.transport
+            .publish(&h.topics.completions(), Message::new(e.idempotencykey.clone(), e.to_vec()))
+            .await
+            .expect("publish");
+    }
+    let dlq = h.topics.dlq("validate");
+    eventually(Duration::from_secs(5), "three dead letters", || h.on(&dlq).len() == 3).await;
+    eventually(Duration::from_secs(5), "two review items", || h.on(&h.topics.review()).len() == 2).await;
+    let mut reasons: Vec<String> = h.on(&dlq).iter().map(|b| DeadLetter::from_slice(b).expect("dl").reason).collect();
+    reasons.sort();
+    assert_eq!(reasons, ["input_invalid", "run_failed_transient", "schema_invalid"]);
+    let schema_dl = h
+        .on(&dlq)
+        .iter()
+        .map(|b| DeadLetter::from_slice(b).expect("dl"))
+        .find(|d| d.reason == "schema_invalid")
+        .expect("dl");
+    assert!(schema_dl.detail.contains("/recommended_queue enum"), "{}", schema_dl.detail);
+    let mut review_reasons: Vec<String> = h
+        .on(&h.topics.review())
+        .iter()
+        .map(|b| Envelope::from_slice(b).expect("review").data["reason"].as_str().unwrap_or("").to_string())
+        .collect();
+    review_reasons.sort();
+    assert_eq!(review_reasons, ["escalation_without_entitlement", "insufficient_data"]);
+    let alerts = h.on(&h.topics.alerts());
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(Envelope::from_slice(&alerts[0]).expect("alert").data["kind"], "agent_input_invalid");
+    assert!(h.on(&h.topics.results("customer_support")).is_empty());
+    h.stop().await;
+}
+
+/// Callback → completions → worker → fake Zendesk → results on a real broker with Redis.
+async fn end_to_end(backend: Backend) {
+    let fake = Fake::start(vec![], None).await;
+    let h = Harness::start_with(backend, zendesk_target(&fake.url())).await;
+    put_run(&h, "run_e2e", json!({"ticket_id": "35436"})).await;
+    let body = callback("run_e2e", "workspace.agent.run.completed", "completed", triage_output());
+    assert_eq!(h.post(&sw(SECRET, "msg_e2e", now(), &body), "application/json", body.clone()).await, 200);
+    assert_eq!(h.post(&sw(SECRET, "msg_e2e", now(), &body), "application/json", body).await, 200, "replay");
+    let results = h.topics.results("customer_support");
+    eventually(Duration::from_secs(60), "a result on the broker", || !h.on(&results).is_empty()).await;
+    let r = Envelope::from_slice(&h.on(&results)[0]).expect("result");
+    assert_eq!((r.data["run_id"].as_str(), r.data["decision"].as_str()), (Some("run_e2e"), Some("allow")));
+    eventually(Duration::from_secs(30), "usage and lifecycle", || {
+        !h.on(&h.topics.usage()).is_empty() && !h.on(&h.topics.runs()).is_empty()
+    })
+    .await;
+    assert_eq!(h.on(&h.topics.completions()).len(), 1, "the replay was not published");
+    let puts: Vec<Seen2> = fake.requests().into_iter().filter(|r| r.method == "PUT").collect();
+    assert_eq!(puts.len(), 1);
+    assert_eq!(puts[0].path, "/api/v2/tickets/35436");
+    assert_eq!(r.data["writeback"]["status"], "applied");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn end_to_end_on_rabbitmq_and_redis() {
+    end_to_end(Backend::Rabbitmq).await;
+}
+
+#[tokio::test]
+async fn end_to_end_on_kafka_and_redis() {
+    end_to_end(Backend::Kafka).await;
+}
+
+#[test]
+fn cli_validate_and_verify_callback_exit_codes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = std::env::temp_dir().join(format!("cbd-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
+            .current_dir(root)
+            .env_remove("AGENTBRIDGE_CONFIG")
+            .args(["--config", "tests/fixtures/callback-dispatcher.yaml"])
+            .args(args)
+            .output()
+            .expect("run agentbridge");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let write = |name: &str, v: &Value| {
+        let p = dir.join(name);
+        std::fs::write(&p, v.to_string()).expect("write");
+        p.display().to_string()
+    };
+    let ok = write("ok.json", &triage_output());
+    assert_eq!(run(&["validate", "--agent", "support-triage", &ok]).0, Some(0));
+    let mut esc = triage_output();
+    esc["recommended_queue"] = json!("engineering_escalation");
+    let esc = write("esc.json", &esc);
+    let input = write("in.json", &json!({"customer": {"entitlement_status": "none"}}));
+    let (code, out) = run(&["validate", "--agent", "support-triage", "--input", &input, &esc]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("escalation_without_entitlement"), "{out}");
+    let mut bad = triage_output();
+    bad.as_object_mut().map(|o| o.remove("evidence"));
+    let (code, out) = run(&["validate", "--agent", "support-triage", &write("bad.json", &bad)]);
+    assert_eq!(code, Some(1));
+    assert!(out.starts_with("reject") && out.contains("schema_invalid"), "{out}");
+
+    let headers = "tests/fixtures/standard-webhooks-test-vector.headers.txt";
+    let body = "tests/fixtures/standard-webhooks-test-vector.body";
+    let (code, out) = run(&["verify-callback", "--secret", SECRET, "--now", "1614265330", "--headers", headers, body]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&["verify-callback", "--secret", SECRET, "--headers", headers, body]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("timestamp_stale"), "{out}");
+    let (code, out) =
+        run(&["verify-callback", "--secret", OLD_SECRET, "--now", "1614265330", "--headers", headers, body]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("signature_mismatch"), "{out}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Write-back against local fakes of the vendor APIs.
+
+/// One request as the fake received it.
+#[derive(Clone, Debug)]
+struct Seen2 {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    content_type: Option<String>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    at: std::time::Instant,
+}
+
+/// A fake vendor API on port 0: records every request and answers from a script (status,
+/// Retry-After, body); once the script is used up it answers `default`.
+#[derive(Clone)]
+struct Fake {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen2>>>,
+}
+
+impl Fake {
+    async fn start(script: Vec<(u16, Option<u64>, &'static str)>, token_body: Option<Value>) -> Self {
+        use axum::extract::State;
+        use axum::http::{HeaderMap, Method, Uri};
+        use axum::response::IntoResponse;
+        type St = (
+            Arc<Mutex<Vec<Seen2>>>,
+            Arc<Mutex<std::collections::VecDeque<(u16, Option<u64>, &'static str)>>>,
+            Option<Value>,
+        );
+        async fn any(
+            State((seen, script, token)): State<St>,
+            method: Method,
+            uri: Uri,
+            headers: HeaderMap,
+            body: Bytes,
+        ) -> axum::response::Response {
+            let h = |n: &str| headers.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+            seen.lock().expect("lock").push(Seen2 {
+                method: method.to_string(),
+                path: uri.path().to_string(),
+                authorization: h("authorization"),
+                content_type: h("content-type"),
+                headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string())).collect(),
+                body: body.to_vec(),
+                at: std::time::Instant::now(),
+            });
+            if uri.path() == "/oauth2/token" {
+                if let Some(t) = token {
+                    return axum::Json(t).into_response();
+                }
+            }
+            let next = script.lock().expect("lock").pop_front();
+            let (status, retry_after, text) = next.unwrap_or((200, None, "{}"));
+            let mut resp =
+                (axum::http::StatusCode::from_u16(status).expect("status"), text.to_string()).into_response();
+            if let Some(s) = retry_after {
+                resp.headers_mut().insert("retry-after", s.to_string().parse().expect("header"));
+            }
+            resp
+        }
+        let seen: Arc<Mutex<Vec<Seen2>>> = Arc::default();
+        let state: St = (seen.clone(), Arc::new(Mutex::new(script.into())), token_body);
+        let app = axum::Router::new().fallback(any).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, seen }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.addr.port())
+    }
+
+    fn requests(&self) -> Vec<Seen2> {
+        self.seen.lock().expect("lock").clone()
+    }
+}
+
+fn targets(yaml: &str) -> Config {
+    Config::from_layers(yaml, Vec::<(String, String)>::new()).expect("write-back config")
+}
+
+fn request(run: &str, entity: &str) -> agentbridge_callback_dispatcher::writeback::WriteRequest {
+    agentbridge_callback_dispatcher::writeback::WriteRequest {
+        run_id: run.into(),
+        entity_id: entity.into(),
+        doc: json!({"output": triage_output(), "input": {"ticket_id": entity}}),
+        result: json!({"run_id": run, "decision": "allow"}),
+    }
+}
+
+fn basic(user_colon_pass: &str) -> String {
+    use base64::Engine;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_colon_pass))
+}
+
+#[tokio::test]
+async fn zendesk_one_combined_put_with_token_auth_honours_retry_after() {
+    let fake = Fake::start(vec![(429, Some(1), r#"{"error":"TooManyRequests"}"#)], None).await;
+    let c = targets(&format!(
+        "dispatcher:\n  allowed_hosts: [127.0.0.1]\n  writeback_backoff: 10ms\n  writeback_targets:\n    zd:\n      kind: zendesk\n      base_url: {}\n      auth: {{type: zendesk_token, email: agent@example.com, token: tok123}}\n      fields: {{\"360001\": /output/severity, \"360002\": /output/recommended_queue}}\n      note: /output/suggested_internal_note\n",
+        fake.url()
+    ));
+    let t = agentbridge_callback_dispatcher::writeback::build_all(
+        &c.dispatcher.writeback_targets,
+        &c.dispatcher.allowed_hosts,
+        Duration::from_secs(5),
+    )
+    .expect("targets");
+    let zd = &t["zd"];
+    let err = zd.apply(&request("r1", "35436")).await.expect_err("429 first");
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(1)));
+    assert!(err.is_transient());
+    zd.apply(&request("r1", "35436")).await.expect("then 200");
+    let reqs = fake.requests();
+    assert_eq!(reqs.len(), 2);
+    let r = &reqs[1];
+    assert_eq!((r.method.as_str(), r.path.as_str()), ("PUT", "/api/v2/tickets/35436"));
+    assert_eq!(r.authorization.as_deref(), Some(basic("agent@example.com/token:tok123").as_str()));
+    assert_eq!(r.content_type.as_deref(), Some("application/json"));
+    let body: Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(
+        body,
+        json!({"ticket": {
+            "custom_fields": [{"id": 360001, "value": "high"}, {"id": 360002, "value": "billing"}],
+            "comment": {"body": "Route to billing.", "public": false}
+        }})
+    );
+}
+
+#[tokio::test]
+async fn servicenow_patch_with_basic_auth_and_404_is_rejected_with_excerpt() {
+    let fake = Fake::start(
+        vec![
+            (200, None, "{}"),
+            (
+                404,
+                None,
+                r#"{"error":{"message":"No Record found","detail":"Record doesn't exist"},"status":"failure"}"#,
+            ),
+        ],
+        None,
+    )
+    .await;
+    let c = targets(&format!(
+        "dispatcher:\n  allowed_hosts: [127.0.0.1]\n  writeback_targets:\n    sn:\n      kind: servicenow\n      base_url: {}\n      auth: {{type: basic, username: admin, password: pw}}\n      fields: {{urgency: /output/severity, u_queue: /output/recommended_queue}}\n      note: /output/suggested_internal_note\n",
+        fake.url()
+    ));
+    let t = agentbridge_callback_dispatcher::writeback::build_all(
+        &c.dispatcher.writeback_targets,
+        &c.dispatcher.allowed_hosts,
+        Duration::from_secs(5),
+    )
+    .expect("targets");
+    let sys_id = "9d385017c611228701d22104cc95c371";
+    t["sn"].apply(&request("r2", sys_id)).await.expect("200");
+    let err = t["sn"].apply(&request("r3", "0000")).await.expect_err("404");
+    assert!(!err.is_transient());
+    assert_eq!(err.reason(), "writeback_4xx");
+    assert!(err.to_string().contains("No Record found"), "{err}");
+    let reqs = fake.requests();
+    let r = &reqs[0];
+    assert_eq!((r.method.as_str(), r.path.as_str()), ("PATCH", format!("/api/now/table/incident/{sys_id}").as_str()));
+    assert_eq!(r.authorization.as_deref(), Some(basic("admin:pw").as_str()));
+    let body: Value = serde_json::from_slice(&r.body).expect("json");
+    assert_eq!(body, json!({"urgency": "high", "u_queue": "billing", "work_notes": "Route to billing."}));
+}
+
+#[tokio::test]
+async fn coupa_custom_fields_and_comment_with_cached_client_credentials_token() {
+    let fake =
+        Fake::start(vec![], Some(json!({"access_token": "tok-1", "token_type": "bearer", "expires_in": 86399}))).await;
+    let c = targets(&format!(
+        "dispatcher:\n  allowed_hosts: [127.0.0.1]\n  writeback_targets:\n    coupa:\n      kind: coupa\n      base_url: {url}\n      auth: {{type: oauth_client_credentials, token_url: {url}/oauth2/token, client_id: cid, client_secret: csecret, scope: core.invoice.write}}\n      fields: {{cf-triage-severity: /output/severity}}\n      note: /output/suggested_internal_note\n",
+        url = fake.url()
+    ));
+    let t = agentbridge_callback_dispatcher::writeback::build_all(
+        &c.dispatcher.writeback_targets,
+        &c.dispatcher.allowed_hosts,
+        Duration::from_secs(5),
+    )
+    .expect("targets");
+    t["coupa"].apply(&request("r4", "123456")).await.expect("apply");
+    t["coupa"].apply(&request("r5", "123457")).await.expect("apply again");
+    let reqs = fake.requests();
+    let tokens: Vec<&Seen2> = reqs.iter().filter(|r| r.path == "/oauth2/token").collect();
+    assert_eq!(tokens.len(), 1, "the token is cached");
+    let form = String::from_utf8_lossy(&tokens[0].body).to_string();
+    assert!(
+        form.contains("grant_type=client_credentials")
+            && form.contains("client_id=cid")
+            && form.contains("scope=core.invoice.write"),
+        "{form}"
+    );
+    let put = reqs.iter().find(|r| r.method == "PUT").expect("put");
+    assert_eq!(put.path, "/api/invoices/123456");
+    assert_eq!(put.authorization.as_deref(), Some("Bearer tok-1"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&put.body).expect("json"),
+        json!({"custom-fields": {"cf-triage-severity": "high"}})
+    );
+    let post = reqs.iter().find(|r| r.method == "POST" && r.path == "/api/invoices/123456/comments").expect("comment");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&post.body).expect("json"),
+        json!({"commentable-id": 123456, "commentable-type": "InvoiceHeader", "comments": "Route to billing."})
+    );
+    assert!(put.headers.iter().any(|(k, v)| k == "accept" && v == "application/json"));
+}
+
+#[tokio::test]
+async fn webhook_target_is_signed_with_standard_webhooks_and_hosts_are_allow_listed() {
+    let fake = Fake::start(vec![], None).await;
+    let c = targets(&format!(
+        "dispatcher:\n  allowed_hosts: [127.0.0.1]\n  writeback_targets:\n    hook:\n      kind: webhook\n      base_url: {}/hooks/results\n      secret: {SECRET}\n",
+        fake.url()
+    ));
+    let t = agentbridge_callback_dispatcher::writeback::build_all(
+        &c.dispatcher.writeback_targets,
+        &c.dispatcher.allowed_hosts,
+        Duration::from_secs(5),
+    )
+    .expect("targets");
+    t["hook"].apply(&request("r6", "1")).await.expect("post");
+    let r = &fake.requests()[0];
+    assert_eq!((r.method.as_str(), r.path.as_str()), ("POST", "/hooks/results"));
+    let headers: std::collections::HashMap<String, String> = r.headers.iter().cloned().collect();
+    let verifier =
+        agentbridge_callback_dispatcher::signature::Verifier::new(&[Secret::new(SECRET)], Duration::from_secs(300))
+            .expect("verifier");
+    let ok = verifier.verify(|n| headers.get(n).map(String::as_str), &r.body, now()).expect("signature verifies");
+    assert_eq!(ok.webhook_id.as_deref(), Some("msg_r6"));
+
+    // A target outside the allow-list is a configuration error naming the key.
+    let bad = Config::from_layers(
+        "dispatcher:\n  allowed_hosts: [example.com]\n  writeback_targets:\n    zd:\n      kind: zendesk\n      base_url: https://evil.example.net\n",
+        Vec::<(String, String)>::new(),
+    )
+    .expect_err("not allowed")
+    .to_string();
+    assert!(bad.contains("dispatcher.writeback_targets.zd.base_url: host is not in dispatcher.allowed_hosts"), "{bad}");
+}
+
+fn zendesk_target(url: &str) -> impl FnOnce(&mut Config) {
+    let url = url.to_string();
+    move |c: &mut Config| {
+        let extra = targets(&format!(
+            "dispatcher:\n  allowed_hosts: [127.0.0.1]\n  writeback_backoff: 10ms\n  writeback_attempts: 3\n  writeback_targets:\n    zendesk:\n      kind: zendesk\n      base_url: {url}\n      auth: {{type: bearer, token: oauth-tok}}\n      fields: {{\"360001\": /output/severity}}\n      note: /output/suggested_internal_note\n"
+        ));
+        c.dispatcher.allowed_hosts = extra.dispatcher.allowed_hosts;
+        c.dispatcher.writeback_targets = extra.dispatcher.writeback_targets;
+        c.dispatcher.writeback_backoff = extra.dispatcher.writeback_backoff;
+        c.dispatcher.writeback_attempts = extra.dispatcher.writeback_attempts;
+    }
+}
+
+#[tokio::test]
+async fn duplicate_completions_write_back_once_and_4xx_goes_to_dlq_writeback() {
+    let fake = Fake::start(
+        vec![
+            (429, Some(1), "slow down"),
+            (500, None, "oops"),
+            (200, None, "{}"),
+            (422, None, r#"{"error":"RecordInvalid","description":"Record validation errors"}"#),
+        ],
+        None,
+    )
+    .await;
+    let h = Harness::start_with(Backend::Memory, zendesk_target(&fake.url())).await;
+    put_run(&h, "run_wb", json!({"ticket_id": "35436"})).await;
+    let body = callback("run_wb", "workspace.agent.run.completed", "completed", triage_output());
+    assert_eq!(h.post(&sw(SECRET, "msg_wb1", now(), &body), "application/json", body.clone()).await, 200);
+    assert_eq!(h.post(&sw(SECRET, "msg_wb2", now(), &body), "application/json", body).await, 200);
+    let results = h.topics.results("customer_support");
+    eventually(Duration::from_secs(15), "a result", || !h.on(&results).is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let puts: Vec<Seen2> = fake.requests().into_iter().filter(|r| r.method == "PUT").collect();
+    assert_eq!(puts.len(), 3, "a 429 and a 500 retried, then one success; the duplicate completion wrote nothing");
+    assert!(puts[1].at - puts[0].at >= Duration::from_secs(1), "Retry-After: 1 honoured");
+    assert_eq!(puts[2].authorization.as_deref(), Some("Bearer oauth-tok"));
+    let r = Envelope::from_slice(&h.on(&results)[0]).expect("result");
+    assert_eq!(r.data["writeback"]["status"], "applied");
+    let stages: Vec<RunStage> = h
+        .on(&h.topics.runs())
+        .iter()
+        .map(|b| serde_json::from_value::<RunEvent>(Envelope::from_slice(b).expect("e").data).expect("ev").stage)
+        .collect();
+    assert_eq!(stages, [RunStage::Completed, RunStage::WrittenBack]);
+
+    // The next run's write-back is refused with a 422: dlq.writeback with the excerpt.
+    put_run(&h, "run_wb422", json!({"ticket_id": "35436"})).await;
+    let body = callback("run_wb422", "workspace.agent.run.completed", "completed", triage_output());
+    assert_eq!(h.post(&sw(SECRET, "msg_wb3", now(), &body), "application/json", body).await, 200);
+    let dlq = h.topics.dlq("writeback");
+    eventually(Duration::from_secs(10), "a write-back dead letter", || !h.on(&dlq).is_empty()).await;
+    let dl = DeadLetter::from_slice(&h.on(&dlq)[0]).expect("dl");
+    assert_eq!(dl.reason, "writeback_4xx");
+    assert!(dl.detail.contains("RecordInvalid"), "{}", dl.detail);
+    assert_eq!(h.on(&results).len(), 1);
+    h.stop().await;
+}

@@ -1,0 +1,68 @@
+//! Shared test harness: backend selection, unique names, broker addresses.
+//!
+//! Tests talk to the real servers `scripts/dev-services.sh` starts: Redis on 127.0.0.1:6379,
+//! RabbitMQ on 127.0.0.1:5672, the Tansu Kafka broker on 127.0.0.1:9092 (override with
+//! `AGENTBRIDGE_TEST_REDIS_URL`, `AGENTBRIDGE_TEST_AMQP_URL`, `AGENTBRIDGE_TEST_KAFKA_BROKERS`).
+#![allow(dead_code)]
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentbridge_config::{Secret, TransportConfig, TransportKind};
+use agentbridge_transport::Transport;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Memory,
+    Kafka,
+    Rabbitmq,
+}
+
+/// A prefix no other test (or earlier run) uses, so suites can share one broker.
+pub fn unique_prefix() -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    format!("t{}-{}-{}.", std::process::id(), n, &uuid::Uuid::new_v4().simple().to_string()[..6])
+}
+
+pub fn kafka_brokers() -> String {
+    std::env::var("AGENTBRIDGE_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub fn amqp_url() -> String {
+    std::env::var("AGENTBRIDGE_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("AGENTBRIDGE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Transport settings for tests: fast Kafka group joins (Tansu completes a join only after
+/// the rebalance timeout, which librdkafka takes from max.poll.interval.ms) and a low
+/// delivery limit.
+pub fn transport_config(backend: Backend, prefix: &str) -> TransportConfig {
+    let mut c = TransportConfig {
+        kind: match backend {
+            Backend::Memory => TransportKind::Memory,
+            Backend::Kafka => TransportKind::Kafka,
+            Backend::Rabbitmq => TransportKind::Rabbitmq,
+        },
+        prefix: prefix.to_string(),
+        delivery_limit: 3,
+        ..TransportConfig::default()
+    };
+    c.kafka.brokers = kafka_brokers();
+    c.kafka.session_timeout = Duration::from_secs(6);
+    c.kafka.heartbeat_interval = Duration::from_secs(1);
+    c.kafka.max_poll_interval = Duration::from_secs(10);
+    c.kafka.partitions = 3;
+    c.rabbitmq.url = Secret::new(amqp_url());
+    // Test groups are short-lived: let the broker delete their queues once idle.
+    c.rabbitmq.queue_expires = Some(Duration::from_secs(120));
+    c
+}
+
+pub async fn backend_transport(backend: Backend, prefix: &str) -> Arc<dyn Transport> {
+    agentbridge_transport::connect(&transport_config(backend, prefix)).await.expect("connect transport")
+}

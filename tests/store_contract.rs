@@ -1,0 +1,674 @@
+//! The store contract: one suite, run against the in-memory store and real Redis at
+//! 127.0.0.1:6379 (`AGENTBRIDGE_TEST_REDIS_URL`). Each test uses its own key prefix, so the
+//! suite runs in parallel on one Redis and leaves nothing behind. "Two clients" means two
+//! separate `RedisStore`s (two connections, as two replicas would have) or, in memory, two
+//! handles on one store. Timing assertions follow causality (what a call may see given when it
+//! started and ended) rather than sleeping and hoping, so a loaded machine slows the suite
+//! down without making it flaky.
+
+mod common;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentbridge_config::{RedisConfig, Secret, StoreConfig, StoreKind};
+use agentbridge_store::{Claim, Rate, Store, StoreError};
+use common::{redis_url, unique_prefix};
+use tokio::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Memory,
+    Redis,
+}
+
+fn redis_config(url: &str, key_prefix: &str, timeout: Duration) -> RedisConfig {
+    RedisConfig { url: Secret::new(url), key_prefix: key_prefix.to_string(), timeout }
+}
+
+/// Two clients of one store, and the key prefix they share.
+struct Ctx {
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+    prefix: String,
+    backend: Backend,
+}
+
+impl Ctx {
+    async fn new(backend: Backend) -> Self {
+        let prefix = format!("abtest:{}", unique_prefix());
+        let config = |kind| StoreConfig { kind, redis: redis_config(&redis_url(), &prefix, Duration::from_secs(2)) };
+        let (a, b) = match backend {
+            Backend::Memory => {
+                let a = agentbridge_store::connect(&config(StoreKind::Memory)).await.expect("memory store");
+                (a.clone(), a)
+            }
+            Backend::Redis => (
+                agentbridge_store::connect(&config(StoreKind::Redis)).await.expect("redis store a"),
+                agentbridge_store::connect(&config(StoreKind::Redis)).await.expect("redis store b"),
+            ),
+        };
+        let expected = match backend {
+            Backend::Memory => "memory",
+            Backend::Redis => "redis",
+        };
+        assert_eq!(a.kind(), expected);
+        a.ping().await.expect("ping a");
+        b.ping().await.expect("ping b");
+        Self { a, b, prefix, backend }
+    }
+
+    /// Client `i % 2`, to spread concurrent callers over both.
+    fn client(&self, i: usize) -> Arc<dyn Store> {
+        match i % 2 {
+            0 => self.a.clone(),
+            _ => self.b.clone(),
+        }
+    }
+
+    /// Deletes what the test left in Redis (flags and deadlines have no TTL).
+    async fn cleanup(self) {
+        if self.backend != Backend::Redis {
+            return;
+        }
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("redis connection");
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .expect("scan");
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.expect("del");
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+}
+
+fn token(c: Claim) -> String {
+    match c {
+        Claim::Acquired { token } => token,
+        other => panic!("expected an acquired claim, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim-then-commit dedup
+// ---------------------------------------------------------------------------------------------
+
+async fn concurrent_claims_have_exactly_one_winner(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    const TASKS: usize = 50;
+    for round in 0..5 {
+        let key = format!("event-{round}");
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|i| {
+                let (store, key, barrier) = (ctx.client(i), key.clone(), barrier.clone());
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store.claim(&key, Duration::from_secs(30)).await.expect("claim")
+                })
+            })
+            .collect();
+        let mut winners = Vec::new();
+        for t in tasks {
+            match t.await.expect("task") {
+                Claim::Acquired { token } => winners.push(token),
+                Claim::InProgress => {}
+                other => panic!("nothing was committed, got {other:?}"),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}: exactly one claim wins");
+        assert!(ctx.b.commit(&key, &winners[0], "run-1", Duration::from_secs(30)).await.expect("commit"));
+        for i in 0..4 {
+            assert_eq!(
+                ctx.client(i).claim(&key, Duration::from_secs(30)).await.expect("claim"),
+                Claim::Done { value: "run-1".into() }
+            );
+        }
+    }
+    ctx.cleanup().await;
+}
+
+async fn dead_holders_claim_is_reclaimable_after_its_lease(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let lease = Duration::from_millis(300);
+    // Allows for Redis expiring on its own millisecond clock.
+    let slack = Duration::from_millis(5);
+    let a_start = Instant::now();
+    let dead = token(ctx.a.claim("k", lease).await.expect("claim"));
+    let a_end = Instant::now();
+
+    let mut seen_in_progress = 0;
+    let taken = loop {
+        let start = Instant::now();
+        let c = ctx.b.claim("k", lease).await.expect("claim");
+        let end = Instant::now();
+        match c {
+            Claim::InProgress => {
+                // Seen as held, so the claim cannot have been over when this call began.
+                assert!(start.duration_since(a_end) < lease + slack, "still held {:?} after the lease", start - a_end);
+                seen_in_progress += 1;
+            }
+            Claim::Acquired { token } => {
+                // Taken over, so the lease must have run out before this call ended.
+                assert!(end.duration_since(a_start) + slack >= lease, "taken over after only {:?}", end - a_start);
+                break token;
+            }
+            other => panic!("never committed, got {other:?}"),
+        }
+        assert!(a_start.elapsed() < Duration::from_secs(5), "a dead claim was never freed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(seen_in_progress > 0, "the live claim was never seen as in progress");
+
+    // The dead holder wakes up: its token no longer commits or releases anything.
+    assert!(!ctx.a.commit("k", &dead, "stale", Duration::from_secs(30)).await.expect("commit"));
+    assert!(!ctx.a.release("k", &dead).await.expect("release"));
+    assert_eq!(ctx.a.claim("k", lease).await.expect("claim"), Claim::InProgress);
+    assert!(ctx.b.commit("k", &taken, "run-2", Duration::from_secs(30)).await.expect("commit"));
+    assert_eq!(ctx.a.claim("k", lease).await.expect("claim"), Claim::Done { value: "run-2".into() });
+    ctx.cleanup().await;
+}
+
+async fn commit_marks_done_for_its_ttl_and_release_frees_at_once(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let lease = Duration::from_secs(30);
+    let ttl = Duration::from_millis(500);
+
+    // Commit: duplicates see the committer's value until the TTL ends.
+    let t = token(ctx.a.claim("done", lease).await.expect("claim"));
+    assert!(!ctx.b.commit("done", "not-the-token", "x", ttl).await.expect("commit"), "a wrong token commits nothing");
+    assert_eq!(ctx.b.claim("done", lease).await.expect("claim"), Claim::InProgress, "a wrong token changed nothing");
+    let committed = Instant::now();
+    assert!(ctx.a.commit("done", &t, "run-42", ttl).await.expect("commit"));
+    assert_eq!(ctx.b.claim("done", lease).await.expect("claim"), Claim::Done { value: "run-42".into() });
+    assert_eq!(ctx.a.claim("done", lease).await.expect("claim"), Claim::Done { value: "run-42".into() });
+    assert!(!ctx.a.commit("done", &t, "again", ttl).await.expect("commit"), "a token commits once");
+    assert!(!ctx.a.release("done", &t).await.expect("release"), "a committed key is not released");
+    tokio::time::sleep_until(committed + ttl + Duration::from_millis(100)).await;
+    token(ctx.b.claim("done", lease).await.expect("claim after the ttl"));
+
+    // A token whose lease ran out commits nothing, and the key is free.
+    let t = token(ctx.a.claim("expired", Duration::from_millis(100)).await.expect("claim"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!ctx.a.commit("expired", &t, "late", ttl).await.expect("commit"));
+    token(ctx.b.claim("expired", lease).await.expect("claim"));
+
+    // Release: the key can be claimed again at once, by anyone; a wrong token releases nothing.
+    let t = token(ctx.a.claim("released", lease).await.expect("claim"));
+    assert!(!ctx.b.release("released", "not-the-token").await.expect("release"));
+    assert!(ctx.a.release("released", &t).await.expect("release"));
+    assert!(!ctx.a.release("released", &t).await.expect("release"), "released twice");
+    let t2 = token(ctx.b.claim("released", lease).await.expect("claim"));
+    assert_ne!(t, t2);
+    assert!(!ctx.a.commit("released", &t, "x", ttl).await.expect("commit"), "the released token is dead");
+    ctx.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate limiting
+// ---------------------------------------------------------------------------------------------
+
+async fn rate_limit_admits_the_rate_across_two_clients(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let rate = Rate { limit: 50, period: Duration::from_secs(1), burst: 5 };
+    let run = Duration::from_secs(3);
+    const TASKS_PER_CLIENT: usize = 3;
+
+    let end = Instant::now() + run;
+    let tasks: Vec<_> = (0..2 * TASKS_PER_CLIENT)
+        .map(|i| {
+            let store = ctx.client(i);
+            tokio::spawn(async move {
+                let (mut admitted, mut denied) = (0u32, 0u32);
+                while Instant::now() < end {
+                    let d = store.rate_limit("agent-1", rate).await.expect("rate limit");
+                    if d.allowed {
+                        assert_eq!(d.retry_after, Duration::ZERO);
+                        admitted += 1;
+                    } else {
+                        // Denied means the next slot is at most one emission interval away.
+                        assert!(
+                            d.retry_after >= Duration::from_millis(1) && d.retry_after <= Duration::from_millis(20),
+                            "implausible retry_after {:?}",
+                            d.retry_after
+                        );
+                        denied += 1;
+                        // Retry well before the advertised time, to keep hammering.
+                        tokio::time::sleep(d.retry_after / 4).await;
+                    }
+                }
+                (i % 2, admitted, denied)
+            })
+        })
+        .collect();
+    let mut per_client = [0u32; 2];
+    let mut denied = 0;
+    for t in tasks {
+        let (client, a, d) = t.await.expect("task");
+        per_client[client] += a;
+        denied += d;
+    }
+    let admitted = per_client[0] + per_client[1];
+    eprintln!("{backend:?}: admitted {admitted} {per_client:?}, denied {denied}");
+    let expected = 50.0 * run.as_secs_f64() + 5.0;
+    let lo = (expected * 0.9).floor() as u32;
+    let hi = (expected * 1.1).ceil() as u32;
+    assert!(
+        (lo..=hi).contains(&admitted),
+        "admitted {admitted} (clients {per_client:?}), expected {expected} ± 10 %; {denied} denied"
+    );
+    assert!(denied > 0, "the clients never hit the limit");
+    assert!(per_client.iter().all(|&n| n > 0), "both clients share the limiter: {per_client:?}");
+
+    // Another key is another limiter.
+    assert!(ctx.a.rate_limit("agent-2", rate).await.expect("rate limit").allowed);
+    ctx.cleanup().await;
+}
+
+async fn rate_limit_burst_then_retry_after(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    // One event per 200 ms, bursts of 3: a fresh key admits 3 at once.
+    let rate = Rate { limit: 5, period: Duration::from_secs(1), burst: 3 };
+    for i in 0..3 {
+        assert!(ctx.client(i).rate_limit("k", rate).await.expect("rate limit").allowed, "burst event {i}");
+    }
+    let d = ctx.b.rate_limit("k", rate).await.expect("rate limit");
+    assert!(!d.allowed);
+    assert!(d.retry_after > Duration::from_millis(100) && d.retry_after <= Duration::from_millis(200), "{d:?}");
+    tokio::time::sleep(d.retry_after).await;
+    assert!(ctx.a.rate_limit("k", rate).await.expect("rate limit").allowed, "admitted at retry_after");
+    ctx.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Flags, replay protection, run state
+// ---------------------------------------------------------------------------------------------
+
+async fn flags_set_get_clear_list_and_expire(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    assert_eq!(ctx.a.get_flag("paused:agent-1").await.expect("get"), None);
+    assert!(!ctx.a.clear_flag("paused:agent-1").await.expect("clear"));
+
+    ctx.a.set_flag("paused:agent-2", "maintenance", None).await.expect("set");
+    ctx.a.set_flag("paused:agent-1", "incident", None).await.expect("set");
+    ctx.a.set_flag("drain:agent-1", "yes", None).await.expect("set");
+    // Glob characters in names are literal: listing `odd:a*` must not match `odd:aXb`.
+    ctx.a.set_flag("odd:a*b", "star", None).await.expect("set");
+    ctx.a.set_flag("odd:aXb", "x", None).await.expect("set");
+
+    assert_eq!(ctx.b.get_flag("paused:agent-1").await.expect("get").as_deref(), Some("incident"));
+    let paused = ctx.b.list_flags("paused:").await.expect("list");
+    assert_eq!(
+        paused,
+        [("paused:agent-1".to_string(), "incident".to_string()), ("paused:agent-2".into(), "maintenance".into())],
+        "sorted by name, only the prefix"
+    );
+    assert_eq!(ctx.b.list_flags("odd:a*").await.expect("list"), [("odd:a*b".to_string(), "star".to_string())]);
+    assert_eq!(ctx.b.list_flags("").await.expect("list").len(), 5);
+
+    ctx.b.set_flag("paused:agent-1", "overwritten", None).await.expect("set");
+    assert_eq!(ctx.a.get_flag("paused:agent-1").await.expect("get").as_deref(), Some("overwritten"));
+    assert!(ctx.b.clear_flag("paused:agent-1").await.expect("clear"));
+    assert!(!ctx.b.clear_flag("paused:agent-1").await.expect("clear"), "cleared twice");
+    assert_eq!(ctx.a.get_flag("paused:agent-1").await.expect("get"), None);
+
+    // TTLs: a flag expires; setting it again without a TTL keeps it.
+    let ttl = Duration::from_millis(400);
+    let set_at = Instant::now();
+    ctx.a.set_flag("paused:short", "1", Some(ttl)).await.expect("set");
+    ctx.a.set_flag("paused:made-permanent", "1", Some(ttl)).await.expect("set");
+    ctx.a.set_flag("paused:made-permanent", "2", None).await.expect("set");
+    assert_eq!(ctx.b.get_flag("paused:short").await.expect("get").as_deref(), Some("1"));
+    tokio::time::sleep_until(set_at + ttl + Duration::from_millis(100)).await;
+    assert_eq!(ctx.b.get_flag("paused:short").await.expect("get"), None);
+    assert_eq!(ctx.b.get_flag("paused:made-permanent").await.expect("get").as_deref(), Some("2"));
+    let names: Vec<String> = ctx.b.list_flags("paused:").await.expect("list").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["paused:agent-2", "paused:made-permanent"]);
+    ctx.cleanup().await;
+}
+
+async fn first_seen_then_replay_then_again_after_ttl(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let ttl = Duration::from_millis(400);
+    let first = Instant::now();
+    assert!(ctx.a.first_seen("delivery-1", ttl).await.expect("seen"));
+    assert!(!ctx.b.first_seen("delivery-1", ttl).await.expect("seen"), "a replay on another client");
+    assert!(!ctx.a.first_seen("delivery-1", ttl).await.expect("seen"), "a replay on the same client");
+    assert!(ctx.b.first_seen("delivery-2", ttl).await.expect("seen"), "ids are independent");
+    tokio::time::sleep_until(first + ttl + Duration::from_millis(100)).await;
+    assert!(ctx.b.first_seen("delivery-1", ttl).await.expect("seen"), "forgotten after the ttl");
+    assert!(!ctx.a.first_seen("delivery-1", ttl).await.expect("seen"));
+
+    // Exactly one of many concurrent first sightings wins.
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let store = ctx.client(i);
+            tokio::spawn(async move { store.first_seen("delivery-3", Duration::from_secs(30)).await.expect("seen") })
+        })
+        .collect();
+    let mut firsts = 0;
+    for t in tasks {
+        firsts += usize::from(t.await.expect("task"));
+    }
+    assert_eq!(firsts, 1);
+    ctx.cleanup().await;
+}
+
+async fn run_state_put_get_delete_and_expire(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let long = Duration::from_secs(60);
+    assert_eq!(ctx.a.get_run("run-1").await.expect("get"), None);
+    ctx.a.put_run("run-1", r#"{"status":"running"}"#, long).await.expect("put");
+    assert_eq!(ctx.b.get_run("run-1").await.expect("get").as_deref(), Some(r#"{"status":"running"}"#));
+    ctx.b.put_run("run-1", r#"{"status":"done"}"#, long).await.expect("put");
+    assert_eq!(ctx.a.get_run("run-1").await.expect("get").as_deref(), Some(r#"{"status":"done"}"#));
+    ctx.a.delete_run("run-1").await.expect("delete");
+    assert_eq!(ctx.b.get_run("run-1").await.expect("get"), None);
+    ctx.a.delete_run("run-1").await.expect("deleting a missing run is fine");
+
+    let ttl = Duration::from_millis(400);
+    let put_at = Instant::now();
+    ctx.a.put_run("run-2", "{}", ttl).await.expect("put");
+    assert_eq!(ctx.b.get_run("run-2").await.expect("get").as_deref(), Some("{}"));
+    tokio::time::sleep_until(put_at + ttl + Duration::from_millis(100)).await;
+    assert_eq!(ctx.b.get_run("run-2").await.expect("get"), None);
+    ctx.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watchdog deadlines
+// ---------------------------------------------------------------------------------------------
+
+async fn deadlines_schedule_cancel_and_take_due_once(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    // Deadlines are caller-given times, so a fixed timeline keeps the test independent of clocks.
+    let now: i64 = 1_700_000_000_000;
+
+    ctx.a.schedule_deadline("cancelled", now - 10).await.expect("schedule");
+    assert!(ctx.b.cancel_deadline("cancelled").await.expect("cancel"), "a scheduled deadline is removed");
+    assert!(!ctx.b.cancel_deadline("cancelled").await.expect("cancel"), "cancelled twice");
+    ctx.a.schedule_deadline("moved", now - 5).await.expect("schedule");
+    ctx.b.schedule_deadline("moved", now + 1_000).await.expect("re-schedule replaces the deadline");
+    ctx.a.schedule_deadline("future", now + 60_000).await.expect("schedule");
+    ctx.a.schedule_deadline("exactly-now", now).await.expect("schedule");
+    assert_eq!(ctx.b.take_due(now, 10).await.expect("take"), ["exactly-now"], "due at or before now");
+    assert!(ctx.b.take_due(now, 10).await.expect("take").is_empty(), "handed out once");
+    assert!(ctx.b.take_due(now, 0).await.expect("take").is_empty(), "limit 0 takes nothing");
+
+    // Many due ids, two clients with two callers each taking small batches concurrently: every
+    // id comes out exactly once.
+    const DUE: usize = 300;
+    for i in 0..DUE {
+        ctx.client(i).schedule_deadline(&format!("run-{i:03}"), now - (i as i64 % 50)).await.expect("schedule");
+    }
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let store = ctx.client(i);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let batch = store.take_due(now, 7).await.expect("take");
+                    assert!(batch.len() <= 7, "limit honoured");
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    got.extend(batch);
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), DUE, "every due id once");
+    assert_eq!(unique.len(), DUE, "no id twice");
+    assert!(!unique.iter().any(|id| id.as_str() == "moved" || id.as_str() == "future"), "not-yet-due ids stay");
+
+    // The ones not yet due come out when their time comes, earliest first.
+    assert!(ctx.a.take_due(now + 999, 10).await.expect("take").is_empty());
+    assert_eq!(ctx.a.take_due(now + 60_000, 10).await.expect("take"), ["moved", "future"]);
+    assert!(!ctx.a.cancel_deadline("future").await.expect("cancel"), "taken means gone");
+    ctx.cleanup().await;
+}
+
+macro_rules! contract {
+    ($backend:ident, $modname:ident) => {
+        mod $modname {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_claims_have_exactly_one_winner() {
+                super::concurrent_claims_have_exactly_one_winner(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn dead_holders_claim_is_reclaimable_after_its_lease() {
+                super::dead_holders_claim_is_reclaimable_after_its_lease(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn commit_marks_done_for_its_ttl_and_release_frees_at_once() {
+                super::commit_marks_done_for_its_ttl_and_release_frees_at_once(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rate_limit_admits_the_rate_across_two_clients() {
+                super::rate_limit_admits_the_rate_across_two_clients(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rate_limit_burst_then_retry_after() {
+                super::rate_limit_burst_then_retry_after(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn flags_set_get_clear_list_and_expire() {
+                super::flags_set_get_clear_list_and_expire(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn first_seen_then_replay_then_again_after_ttl() {
+                super::first_seen_then_replay_then_again_after_ttl(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn run_state_put_get_delete_and_expire() {
+                super::run_state_put_get_delete_and_expire(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn deadlines_schedule_cancel_and_take_due_once() {
+                super::deadlines_schedule_cancel_and_take_due_once(Backend::$backend).await
+            }
+        }
+    };
+}
+
+contract!(Memory, memory);
+contract!(Redis, redis_backend);
+
+// ---------------------------------------------------------------------------------------------
+// Fail closed (Redis only: memory has nothing to lose)
+// ---------------------------------------------------------------------------------------------
+
+/// Runs every store operation and asserts each one fails within `bound`.
+async fn assert_every_call_fails(store: &dyn Store, bound: Duration) {
+    async fn fails<T: std::fmt::Debug>(what: &str, bound: Duration, fut: impl Future<Output = Result<T, StoreError>>) {
+        let start = Instant::now();
+        // The outer timeout only turns a hang into a readable failure.
+        let result = tokio::time::timeout(bound * 4, fut).await;
+        let took = start.elapsed();
+        match result {
+            Ok(Err(StoreError::Unavailable(_) | StoreError::Timeout(_))) => {}
+            Ok(Err(e)) => panic!("{what}: failed with an unexpected error kind: {e}"),
+            Ok(Ok(v)) => panic!("{what}: answered {v:?} without a store: must fail closed"),
+            Err(_) => panic!("{what}: still hanging after {:?}", bound * 4),
+        }
+        assert!(took <= bound, "{what}: took {took:?}, more than {bound:?}");
+    }
+    let ttl = Duration::from_secs(10);
+    fails("ping", bound, store.ping()).await;
+    fails("claim", bound, store.claim("k", ttl)).await;
+    fails("commit", bound, store.commit("k", "token", "v", ttl)).await;
+    fails("release", bound, store.release("k", "token")).await;
+    fails("rate_limit", bound, store.rate_limit("k", Rate::per_second(10))).await;
+    fails("set_flag", bound, store.set_flag("f", "v", None)).await;
+    fails("get_flag", bound, store.get_flag("f")).await;
+    fails("clear_flag", bound, store.clear_flag("f")).await;
+    fails("list_flags", bound, store.list_flags("")).await;
+    fails("first_seen", bound, store.first_seen("id", ttl)).await;
+    fails("put_run", bound, store.put_run("r", "{}", ttl)).await;
+    fails("get_run", bound, store.get_run("r")).await;
+    fails("delete_run", bound, store.delete_run("r")).await;
+    fails("schedule_deadline", bound, store.schedule_deadline("r", 0)).await;
+    fails("cancel_deadline", bound, store.cancel_deadline("r")).await;
+    fails("take_due", bound, store.take_due(i64::MAX, 10)).await;
+    fails("ping again", bound, store.ping()).await;
+}
+
+/// Room for scheduling on a loaded machine on top of the configured timeout.
+const SLACK: Duration = Duration::from_millis(250);
+
+mod fail_closed {
+    use super::*;
+
+    /// Nothing listens on port 1: connection refused on every attempt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dead_redis_fails_every_call() {
+        let timeout = Duration::from_millis(300);
+        let config =
+            StoreConfig { kind: StoreKind::Redis, redis: redis_config("redis://127.0.0.1:1", "abtest:dead:", timeout) };
+        let start = Instant::now();
+        // Connecting is lazy-tolerant (see `agentbridge_store::redis`); failing would also do.
+        let store = match agentbridge_store::connect(&config).await {
+            Ok(store) => store,
+            Err(e) => {
+                assert!(matches!(e, StoreError::Unavailable(_) | StoreError::Timeout(_)), "{e}");
+                return;
+            }
+        };
+        assert!(start.elapsed() <= timeout + SLACK, "connect took {:?}", start.elapsed());
+        assert_every_call_fails(store.as_ref(), timeout + SLACK).await;
+    }
+
+    /// A server that accepts connections and never answers: only the timeout ends the calls.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn silent_redis_is_bounded_by_the_timeout() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                held.push(socket);
+            }
+        });
+        let timeout = Duration::from_millis(300);
+        let config = StoreConfig {
+            kind: StoreKind::Redis,
+            redis: redis_config(&format!("redis://{addr}"), "abtest:silent:", timeout),
+        };
+        let start = Instant::now();
+        let store = agentbridge_store::connect(&config).await.expect("connect is lazy-tolerant");
+        assert!(start.elapsed() <= timeout + SLACK, "connect took {:?}", start.elapsed());
+        assert_every_call_fails(store.as_ref(), timeout + SLACK).await;
+        server.abort();
+    }
+
+    /// A TCP forwarder to the real Redis, standing in for a Redis that goes away and comes back.
+    struct Proxy {
+        accept: tokio::task::JoinHandle<()>,
+    }
+
+    impl Proxy {
+        async fn start(addr: std::net::SocketAddr) -> Proxy {
+            let listener = tokio::net::TcpListener::bind(addr).await.expect("bind proxy");
+            let upstream = redis_url().trim_start_matches("redis://").trim_end_matches('/').to_string();
+            let accept = tokio::spawn(async move {
+                let mut conns = tokio::task::JoinSet::new();
+                while let Ok((mut client, _)) = listener.accept().await {
+                    let upstream = upstream.clone();
+                    conns.spawn(async move {
+                        if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        }
+                    });
+                }
+            });
+            Proxy { accept }
+        }
+
+        /// Drops the listener and, with the JoinSet, every proxied connection: a Redis restart.
+        async fn stop(self) {
+            self.accept.abort();
+            let _ = self.accept.await;
+        }
+    }
+
+    async fn wait_until_ping_ok(store: &dyn Store, within: Duration) -> Duration {
+        let start = Instant::now();
+        while store.ping().await.is_err() {
+            assert!(start.elapsed() < within, "the store did not recover within {within:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        start.elapsed()
+    }
+
+    /// Down at start-up, up later, down again, up again: the same store object fails closed
+    /// while Redis is away and answers again once it is back, without being rebuilt.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recovers_when_redis_comes_back() {
+        let addr = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
+            probe.local_addr().expect("addr")
+        };
+        let prefix = format!("abtest:{}", unique_prefix());
+        let timeout = Duration::from_millis(300);
+        let config =
+            StoreConfig { kind: StoreKind::Redis, redis: redis_config(&format!("redis://{addr}"), &prefix, timeout) };
+        let store = agentbridge_store::connect(&config).await.expect("connect is lazy-tolerant");
+        assert!(store.ping().await.is_err(), "nothing listens yet");
+        assert!(store.claim("k", Duration::from_secs(30)).await.is_err(), "fails closed while down");
+
+        let proxy = Proxy::start(addr).await;
+        let took = wait_until_ping_ok(store.as_ref(), Duration::from_secs(10)).await;
+        eprintln!("recovered {took:?} after Redis came up");
+        let t = token(store.claim("k", Duration::from_secs(30)).await.expect("claim once up"));
+
+        proxy.stop().await;
+        assert!(store.ping().await.is_err(), "the connection to a stopped Redis fails");
+        assert!(store.claim("k", Duration::from_secs(30)).await.is_err(), "fails closed while down");
+
+        let proxy = Proxy::start(addr).await;
+        let took = wait_until_ping_ok(store.as_ref(), Duration::from_secs(10)).await;
+        eprintln!("recovered {took:?} after Redis came back");
+        assert_eq!(
+            store.claim("k", Duration::from_secs(30)).await.expect("claim"),
+            Claim::InProgress,
+            "state survived"
+        );
+        assert!(store.release("k", &t).await.expect("release"));
+        proxy.stop().await;
+    }
+
+    /// A malformed URL is a configuration error at connect, and the error does not echo the URL
+    /// (it may carry a password).
+    #[tokio::test]
+    async fn bad_url_fails_connect_without_leaking_it() {
+        let config = StoreConfig {
+            kind: StoreKind::Redis,
+            redis: redis_config("not-a-url://:hunter2@", "abtest:bad:", Duration::from_millis(300)),
+        };
+        match agentbridge_store::connect(&config).await {
+            Ok(_) => panic!("a malformed URL must not connect"),
+            Err(e) => assert!(!e.to_string().contains("hunter2"), "{e}"),
+        }
+    }
+}
