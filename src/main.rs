@@ -70,6 +70,12 @@ enum Command {
     /// Run history from the metering ledger.
     #[command(subcommand)]
     Runs(commands::runs::RunsCommand),
+    /// Dead-letter queues: list, show, replay (safe: confirmed re-publish, then ack).
+    #[command(subcommand)]
+    Dlq(commands::dlq::DlqCommand),
+    /// The kill switch: pause, resume and inspect agents on every trigger-worker replica.
+    #[command(subcommand)]
+    Agents(commands::agents::AgentsCommand),
     /// Runs an agent output through the callback-dispatcher's gate (schema, rules, error
     /// contract, risk policy) without any broker: exit 0 allow, 2 review, 1 reject, 3 rerun.
     Validate(commands::validate::ValidateArgs),
@@ -101,6 +107,8 @@ async fn main() -> ExitCode {
         Command::Report(c) => commands::report::run(cli.config.as_deref(), c).await,
         Command::Budget(c) => commands::budget::run(cli.config.as_deref(), c).await,
         Command::Runs(c) => commands::runs::run(cli.config.as_deref(), c).await,
+        Command::Dlq(c) => commands::dlq::run(cli.config.as_deref(), c).await,
+        Command::Agents(c) => commands::agents::run(cli.config.as_deref(), c).await,
         Command::Validate(args) => commands::validate::run(cli.config.as_deref(), args),
         Command::VerifyCallback(args) => commands::verify_callback::run(args),
         Command::Normalize { source, pretty, file } => {

@@ -1,8 +1,10 @@
 //! One module per subcommand.
 
+pub mod agents;
 pub mod budget;
 pub mod config;
 pub mod dev;
+pub mod dlq;
 pub mod normalize;
 pub mod publish;
 pub mod report;

@@ -1,0 +1,312 @@
+//! `agentbridge dlq list|show|replay`: the dead-letter queues, read and replayed safely.
+//!
+//! Every service declares the operator's consumer group `dlq` on its `dlq.<stage>` topics at
+//! startup, so dead letters wait there (Kafka: the log and the group's committed offsets;
+//! RabbitMQ: the quorum queue `<prefix>q.dlq`) until an operator acts.
+//!
+//! - `list` and `show` **browse**: they read as the `dlq` group and never settle what they
+//!   read, so the records stay exactly where they were (RabbitMQ requeues them in place when
+//!   the CLI disconnects; on Kafka no offset is committed).
+//! - `replay` re-publishes each selected record's **original bytes** (with its original key
+//!   and headers, attempt counters reset, `x-agentbridge-replay-of: <dead-letter id>` added)
+//!   to the topic it was consumed from, and acknowledges the dead letter only after the broker
+//!   confirmed the re-publish. A crash in between replays it again on the next run: the
+//!   pipeline's idempotency keys (normalizer) and dedup claims (trigger-worker) make that
+//!   harmless. Records a filter skips are left in place on RabbitMQ; on Kafka, where a group's
+//!   position cannot step over a record, they are re-appended to their dead-letter topic (same
+//!   record id) before the position moves past them, so nothing is lost and the replayed
+//!   records are not read again.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentbridge_config::{parse_duration, Config, TransportKind};
+use agentbridge_contracts::{DeadLetter, Stage, Topics};
+use agentbridge_transport::{
+    Delivery, Message, Subscription, Transport, DLQ_GROUP, HEADER_ATTEMPT, HEADER_REDELIVERIES,
+};
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+/// Header a replayed message carries: the id of the dead letter it came from.
+pub const HEADER_REPLAY_OF: &str = "x-agentbridge-replay-of";
+
+const STAGES: [Stage; 5] = [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Transport];
+
+#[derive(Args, Clone)]
+pub struct Filter {
+    /// Only these stages (normalize, trigger, validate, writeback, transport); repeatable.
+    #[arg(long = "stage", value_parser = parse_stage)]
+    stages: Vec<Stage>,
+    /// Only this reason code (e.g. `schema_invalid`, `attempts_exhausted`).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only records whose original topic is this one (with or without the prefix).
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only these dead-letter ids; repeatable.
+    #[arg(long = "id")]
+    ids: Vec<String>,
+    /// Stop after this many matching records.
+    #[arg(long, default_value_t = 100)]
+    limit: usize,
+    /// Stop reading once the queue has been quiet this long (the first message on Kafka may
+    /// take longer: a group join is waited for up to 30 s).
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    wait: Duration,
+}
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Lists dead letters without removing them.
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        /// table or json (one record per line, original bytes base64).
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+    /// Prints one dead letter in full, with its original message decoded.
+    Show {
+        id: String,
+        #[arg(long, default_value = "3s", value_parser = parse_duration)]
+        wait: Duration,
+    },
+    /// Re-publishes the selected dead letters' original bytes to their original topics.
+    Replay {
+        #[command(flatten)]
+        filter: Filter,
+        /// Print what would be replayed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+fn parse_stage(s: &str) -> Result<Stage, String> {
+    STAGES
+        .into_iter()
+        .find(|st| st.as_str() == s)
+        .ok_or_else(|| format!("unknown stage `{s}` (normalize, trigger, validate, writeback, transport)"))
+}
+
+impl Filter {
+    fn matches(&self, topics: &Topics, dl: &DeadLetter) -> bool {
+        (self.stages.is_empty() || self.stages.contains(&dl.stage))
+            && self.reason.as_deref().is_none_or(|r| r == dl.reason)
+            && self.topic.as_deref().is_none_or(|t| {
+                t == dl.origin.topic || topics.strip(&dl.origin.topic).is_some_and(|stripped| stripped == t)
+            })
+            && (self.ids.is_empty() || self.ids.iter().any(|id| id == &dl.id))
+    }
+
+    fn all(wait: Duration) -> Self {
+        Filter { stages: vec![], reason: None, topic: None, ids: vec![], limit: usize::MAX, wait }
+    }
+}
+
+/// What one pass over the dead-letter queue saw. Holds the subscription and the browsed
+/// deliveries unsettled until it is dropped: acks of matched deliveries must happen while the
+/// subscription is still open, and browsed ones go back only when it closes.
+struct Pass {
+    matched: Vec<(DeadLetter, Option<Delivery>)>,
+    unreadable: usize,
+    skipped: usize,
+    _browsed: Vec<Delivery>,
+    _sub: Box<dyn Subscription>,
+}
+
+/// Reads the `dlq` group until `limit` records matched or the queue is quiet. `settle_skipped`
+/// (replay on Kafka) re-appends non-matching records and acks them; otherwise deliveries not
+/// returned are dropped unsettled, which gives them back.
+async fn read(
+    transport: &dyn Transport,
+    topics: &Topics,
+    filter: &Filter,
+    keep_deliveries: bool,
+    settle_skipped: bool,
+) -> anyhow::Result<Pass> {
+    let dlq_topics: Vec<String> = STAGES.iter().map(|s| topics.dlq(s.as_str())).collect();
+    transport.declare_group(DLQ_GROUP, &dlq_topics).await.context("declare the dlq group")?;
+    let mut sub: Box<dyn Subscription> = transport.subscribe(DLQ_GROUP, &dlq_topics).await.context("subscribe")?;
+    let first_wait = if transport.kind() == "kafka" { filter.wait.max(Duration::from_secs(30)) } else { filter.wait };
+    let mut matched = Vec::new();
+    let (mut unreadable, mut skipped) = (0, 0);
+    let mut seen = HashSet::new();
+    // Held unsettled until the pass is dropped, so the broker does not hand them out again.
+    let mut browsed: Vec<Delivery> = Vec::new();
+    let mut got_any = false;
+    while matched.len() < filter.limit {
+        let wait = if got_any { filter.wait } else { first_wait };
+        let d = match tokio::time::timeout(wait, sub.next()).await {
+            Ok(Some(Ok(d))) => d,
+            Ok(Some(Err(e))) => bail!("reading the dead-letter queue: {e}"),
+            Ok(None) | Err(_) => break,
+        };
+        got_any = true;
+        let Ok(dl) = DeadLetter::from_slice(d.payload()) else {
+            unreadable += 1;
+            if settle_skipped {
+                reappend(transport, d).await?;
+            } else {
+                browsed.push(d);
+            }
+            continue;
+        };
+        // A record seen twice was re-appended by this very pass (Kafka): the queue has cycled.
+        if !seen.insert(dl.id.clone()) {
+            browsed.push(d);
+            break;
+        }
+        if filter.matches(topics, &dl) {
+            if keep_deliveries {
+                matched.push((dl, Some(d)));
+            } else {
+                matched.push((dl, None));
+                browsed.push(d);
+            }
+        } else {
+            skipped += 1;
+            if settle_skipped {
+                reappend(transport, d).await?;
+            } else {
+                browsed.push(d);
+            }
+        }
+    }
+    Ok(Pass { matched, unreadable, skipped, _browsed: browsed, _sub: sub })
+}
+
+/// Moves a record to the back of its dead-letter topic: publish (confirmed), then ack.
+async fn reappend(transport: &dyn Transport, d: Delivery) -> anyhow::Result<()> {
+    let topic = d.topic().to_string();
+    let mut m = Message::new(d.key().map(str::to_string), d.payload().clone());
+    m.headers = d.data.headers.clone();
+    transport.publish(&topic, m).await.with_context(|| format!("re-append a skipped dead letter to {topic}"))?;
+    d.ack().await?;
+    Ok(())
+}
+
+/// The original message a replay publishes: the original key, the original headers minus the
+/// transport's attempt bookkeeping (a replay starts afresh), plus where it came from.
+pub fn replay_message(dl: &DeadLetter) -> Message {
+    let mut headers: BTreeMap<String, String> = dl.headers.clone();
+    headers.remove(HEADER_ATTEMPT);
+    headers.remove(HEADER_REDELIVERIES);
+    headers
+        .retain(|k, _| !k.starts_with("x-death") && !k.starts_with("x-first-death") && !k.starts_with("x-last-death"));
+    headers.insert(HEADER_REPLAY_OF.into(), dl.id.clone());
+    let mut m = Message::new(dl.origin.key.clone(), dl.original.clone());
+    m.headers = headers;
+    m
+}
+
+fn excerpt(s: &str, n: usize) -> String {
+    let line = s.lines().next().unwrap_or("");
+    if line.chars().count() > n {
+        format!("{}…", line.chars().take(n).collect::<String>())
+    } else {
+        line.to_string()
+    }
+}
+
+fn print_table(topics: &Topics, records: &[&DeadLetter]) {
+    println!(
+        "{:<36}  {:<9}  {:<22}  {:>3}  {:<20}  {:<20}  detail",
+        "id", "stage", "reason", "att", "original topic", "last failure"
+    );
+    for dl in records {
+        println!(
+            "{:<36}  {:<9}  {:<22}  {:>3}  {:<20}  {:<20}  {}",
+            dl.id,
+            dl.stage.as_str(),
+            dl.reason,
+            dl.attempts,
+            topics.strip(&dl.origin.topic).unwrap_or(&dl.origin.topic),
+            dl.last_failure_at.format("%Y-%m-%d %H:%M:%S"),
+            excerpt(&dl.detail, 60)
+        );
+    }
+}
+
+pub async fn run(config: Option<&Path>, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let mut config = Config::load(config)?;
+    if config.transport.kind == TransportKind::Memory {
+        bail!("the memory transport lives inside one process; dead letters of a deployment are on kafka or rabbitmq (set transport.kind)");
+    }
+    // A browse holds what it read unsettled: let the broker hand out as many as asked for.
+    let limit = match &command {
+        DlqCommand::List { filter, .. } | DlqCommand::Replay { filter, .. } => filter.limit,
+        DlqCommand::Show { .. } => 10_000,
+    };
+    let window = limit.saturating_add(16).min(u16::MAX as usize);
+    config.transport.prefetch = config.transport.prefetch.max(window as u16);
+    config.transport.kafka.read_ahead = config.transport.kafka.read_ahead.max(window);
+    let transport = agentbridge_transport::connect(&config.transport).await.context("connect the transport")?;
+    let topics = Topics::new(config.transport.prefix.clone());
+    match command {
+        DlqCommand::List { filter, format } => {
+            let pass = read(transport.as_ref(), &topics, &filter, false, false).await?;
+            let records: Vec<&DeadLetter> = pass.matched.iter().map(|(dl, _)| dl).collect();
+            match format.as_str() {
+                "json" => {
+                    for dl in &records {
+                        println!("{}", String::from_utf8_lossy(&dl.to_vec()));
+                    }
+                }
+                "table" => {
+                    print_table(&topics, &records);
+                    println!("\n{} matching, {} other, {} unreadable", records.len(), pass.skipped, pass.unreadable);
+                }
+                other => bail!("unknown format `{other}` (table or json)"),
+            }
+        }
+        DlqCommand::Show { id, wait } => {
+            let mut filter = Filter::all(wait);
+            filter.ids = vec![id.clone()];
+            filter.limit = 1;
+            let pass = read(transport.as_ref(), &topics, &filter, false, false).await?;
+            let Some((dl, _)) = pass.matched.first() else {
+                eprintln!("no dead letter `{id}` in the dlq group ({} others read)", pass.skipped);
+                return Ok(ExitCode::from(3));
+            };
+            let mut view = serde_json::to_value(dl)?;
+            let original = serde_json::from_slice::<serde_json::Value>(&dl.original)
+                .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&dl.original).into_owned()));
+            view["original"] = original;
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        }
+        DlqCommand::Replay { filter, dry_run } => {
+            if filter.stages.is_empty() && filter.reason.is_none() && filter.ids.is_empty() && filter.topic.is_none() {
+                bail!("replay needs a selection: --stage, --reason, --topic or --id (replaying everything at once is rarely what anyone wants)");
+            }
+            let kafka = transport.kind() == "kafka";
+            let pass = read(transport.as_ref(), &topics, &filter, !dry_run, !dry_run && kafka).await?;
+            if dry_run {
+                let records: Vec<&DeadLetter> = pass.matched.iter().map(|(dl, _)| dl).collect();
+                print_table(&topics, &records);
+                println!("\ndry run: {} would be replayed; nothing changed", records.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut replayed = 0usize;
+            for (dl, delivery) in pass.matched {
+                if dl.origin.topic.is_empty() {
+                    eprintln!("{}: no original topic recorded; left in the dead-letter queue", dl.id);
+                    continue;
+                }
+                transport
+                    .publish(&dl.origin.topic, replay_message(&dl))
+                    .await
+                    .with_context(|| format!("replay {} to {}", dl.id, dl.origin.topic))?;
+                if let Some(d) = delivery {
+                    d.ack().await.with_context(|| format!("acknowledge dead letter {}", dl.id))?;
+                }
+                println!("replayed {} ({} {}) → {}", dl.id, dl.stage.as_str(), dl.reason, dl.origin.topic);
+                replayed += 1;
+            }
+            println!("\n{replayed} replayed, {} left in the dead-letter queue", pass.skipped + pass.unreadable);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

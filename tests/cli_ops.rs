@@ -1,0 +1,246 @@
+//! The operator CLI against real servers: `dlq list|show|replay` on RabbitMQ and Kafka, and
+//! `agents pause|resume|status` on Redis.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentbridge_config::StoreConfig;
+use agentbridge_contracts::{DeadLetter, Origin, Stage, Topics};
+use agentbridge_transport::{Message, DLQ_GROUP, HEADER_ATTEMPT};
+use common::Backend;
+
+fn write_config(prefix: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("agentbridge-cli-ops-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let path = dir.join(format!("{}yaml", prefix.replace('.', "-")));
+    std::fs::write(&path, body).expect("write config");
+    path
+}
+
+fn transport_yaml(backend: Backend, prefix: &str) -> String {
+    match backend {
+        Backend::Kafka => format!(
+            "transport:\n  kind: kafka\n  prefix: '{prefix}'\n  kafka:\n    brokers: '{}'\n    session_timeout: 6s\n    heartbeat_interval: 1s\n    max_poll_interval: 10s\n    partitions: 3\n",
+            common::kafka_brokers()
+        ),
+        Backend::Rabbitmq => format!(
+            "transport:\n  kind: rabbitmq\n  prefix: '{prefix}'\n  rabbitmq:\n    url: '{}'\n    queue_expires: 120s\n",
+            common::amqp_url()
+        ),
+        Backend::Memory => unreachable!("the CLI refuses the memory transport"),
+    }
+}
+
+/// Runs the CLI; (success, stdout, stderr).
+fn cli(config: &PathBuf, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .env_remove("AGENTBRIDGE_CONFIG")
+        .output()
+        .expect("run agentbridge");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn dead_letter(
+    topics: &Topics,
+    stage: Stage,
+    reason: &str,
+    topic: &str,
+    key: Option<&str>,
+    original: &[u8],
+) -> DeadLetter {
+    let origin = Origin {
+        transport: "test".into(),
+        topic: format!("{}{topic}", topics.prefix()),
+        key: key.map(str::to_string),
+        ..Origin::default()
+    };
+    let mut dl = DeadLetter::new(stage, reason, format!("{reason} detail"), original.to_vec(), origin, "test");
+    dl.attempts = 6;
+    dl.headers.insert(HEADER_ATTEMPT.into(), "6".into());
+    dl.headers.insert("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into());
+    dl
+}
+
+async fn dlq_list_show_replay(backend: Backend) {
+    let prefix = common::unique_prefix();
+    let topics = Topics::new(prefix.clone());
+    let transport = common::backend_transport(backend, &prefix).await;
+    let dlq_topics: Vec<String> = ["normalize", "trigger"].iter().map(|s| topics.dlq(s)).collect();
+    transport.declare_group(DLQ_GROUP, &dlq_topics).await.expect("declare dlq group");
+    let normalized = topics.normalized();
+    let raw = topics.raw("zendesk");
+    transport.ensure_topics(&[normalized.clone(), raw.clone()]).await.expect("topics");
+    // The consumer that must receive the replay, subscribed before anything is replayed.
+    let mut observer = transport.subscribe("observer", &[normalized.clone(), raw.clone()]).await.expect("observer");
+
+    let a = dead_letter(&topics, Stage::Normalize, "schema_invalid", "raw.zendesk", None, br#"{"ticket":{"id":1}}"#);
+    let b =
+        dead_letter(&topics, Stage::Trigger, "attempts_exhausted", "normalized", Some("key-b"), br#"{"id":"b","n":1}"#);
+    let c = dead_letter(&topics, Stage::Trigger, "agent_4xx", "normalized", Some("key-c"), b"not json at all");
+    for dl in [&a, &b, &c] {
+        let topic = topics.dlq(dl.stage.as_str());
+        transport.publish(&topic, Message::new(dl.origin.key.clone(), dl.to_vec())).await.expect("publish dead letter");
+    }
+    let config = write_config(&prefix, &transport_yaml(backend, &prefix));
+
+    // list: all three, twice (browsing removes nothing).
+    for _ in 0..2 {
+        let (ok, out, err) = cli(&config, &["dlq", "list"]);
+        assert!(ok, "{err}");
+        for dl in [&a, &b, &c] {
+            assert!(out.contains(&dl.id), "{} missing from\n{out}", dl.id);
+        }
+        assert!(out.contains("3 matching"), "{out}");
+    }
+    let (ok, out, err) = cli(&config, &["dlq", "list", "--stage", "trigger", "--format", "json"]);
+    assert!(ok, "{err}");
+    let listed: Vec<DeadLetter> =
+        out.lines().map(|l| DeadLetter::from_slice(l.as_bytes()).expect("json record")).collect();
+    let mut ids: Vec<&str> = listed.iter().map(|d| d.id.as_str()).collect();
+    ids.sort();
+    let mut want = vec![b.id.as_str(), c.id.as_str()];
+    want.sort();
+    assert_eq!(ids, want);
+    assert_eq!(listed.iter().find(|d| d.id == b.id).expect("b").original, b.original, "original bytes survive");
+
+    // show: the whole record, the original decoded.
+    let (ok, out, err) = cli(&config, &["dlq", "show", &a.id]);
+    assert!(ok, "{err}");
+    let shown: serde_json::Value = serde_json::from_str(&out).expect("show prints JSON");
+    assert_eq!(shown["reason"], "schema_invalid");
+    assert_eq!(shown["original"]["ticket"]["id"], 1);
+
+    // replay needs a selection; a dry run changes nothing.
+    let (ok, _, err) = cli(&config, &["dlq", "replay"]);
+    assert!(!ok && err.contains("needs a selection"), "{err}");
+    let (ok, out, err) = cli(&config, &["dlq", "replay", "--reason", "attempts_exhausted", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("1 would be replayed"), "{out}");
+
+    // replay one reason: its original bytes, key and trace context go back to `normalized`.
+    let (ok, out, err) = cli(&config, &["dlq", "replay", "--reason", "attempts_exhausted"]);
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("replayed {}", b.id)), "{out}");
+    let d = tokio::time::timeout(Duration::from_secs(30), observer.next())
+        .await
+        .expect("replayed message arrives")
+        .expect("open")
+        .expect("delivery");
+    assert_eq!(d.topic(), normalized);
+    assert_eq!(d.payload().as_ref(), b.original.as_slice());
+    assert_eq!(d.key(), Some("key-b"));
+    assert_eq!(d.data.headers.get("x-agentbridge-replay-of"), Some(&b.id));
+    assert_eq!(d.data.headers.get("traceparent"), b.headers.get("traceparent"));
+    assert_eq!(d.attempt(), 1, "a replay starts with a fresh attempt count");
+    d.ack().await.expect("ack");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), observer.next()).await.is_err(),
+        "only the selected record was replayed"
+    );
+
+    // The replayed record is gone from the dead-letter queue; the others stay.
+    let (ok, out, err) = cli(&config, &["dlq", "list"]);
+    assert!(ok, "{err}");
+    assert!(!out.contains(&b.id), "replayed record still listed:\n{out}");
+    assert!(out.contains(&a.id) && out.contains(&c.id), "{out}");
+    assert!(out.contains("2 matching"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_list_show_replay_on_rabbitmq() {
+    dlq_list_show_replay(Backend::Rabbitmq).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dlq_list_show_replay_on_kafka() {
+    dlq_list_show_replay(Backend::Kafka).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_pause_resume_status_on_redis() {
+    let prefix = common::unique_prefix();
+    let config = write_config(
+        &prefix,
+        &format!(
+            "store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{prefix}'\nagents:\n  triage: {{}}\n  invoices: {{}}\n",
+            common::redis_url()
+        ),
+    );
+    let mut store_config = StoreConfig { kind: agentbridge_config::StoreKind::Redis, ..StoreConfig::default() };
+    store_config.redis.url = agentbridge_config::Secret::new(common::redis_url());
+    store_config.redis.key_prefix = prefix.clone();
+    let store = agentbridge_store::connect(&store_config).await.expect("store");
+
+    let (ok, out, err) = cli(&config, &["agents", "pause", "triage", "--reason", "incident 42"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("paused by operator"), "{out}");
+    // The flag the trigger-worker checks, with an operator value metering will not replace.
+    let flag = store.get_flag("paused:triage").await.expect("get").expect("flag set");
+    assert!(flag.starts_with("operator:") && flag.ends_with("|-|incident 42"), "{flag}");
+
+    let (ok, out, err) = cli(&config, &["agents", "status"]);
+    assert!(ok, "{err}");
+    let line = |name: &str| out.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
+    assert!(line("triage").contains("paused by operator") && line("triage").contains("incident 42"), "{out}");
+    assert!(line("invoices").contains("running"), "{out}");
+
+    let (ok, out, err) = cli(&config, &["agents", "resume", "triage"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("resumed"), "{out}");
+    assert_eq!(store.get_flag("paused:triage").await.expect("get"), None);
+    let (ok, out, _) = cli(&config, &["agents", "resume", "triage"]);
+    assert!(ok && out.contains("was not paused"), "{out}");
+
+    // A timed pause expires by itself.
+    let (ok, _, err) = cli(&config, &["agents", "pause", "invoices", "--for", "1s"]);
+    assert!(ok, "{err}");
+    assert!(store.get_flag("paused:invoices").await.expect("get").is_some());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(store.get_flag("paused:invoices").await.expect("get"), None);
+
+    let (ok, _, err) = cli(&config, &["agents", "pause", "nobody"]);
+    assert!(!ok && err.contains("no agent `nobody`"), "{err}");
+}
+
+/// Every configuration shipped in deploy/ passes `agentbridge config check`, and the compose
+/// file runs binaries this workspace builds.
+#[test]
+fn shipped_configs_check_out() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for file in ["deploy/agentbridge.example.yaml", "deploy/dev.yaml", "deploy/compose.agentbridge.yaml"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
+            .current_dir(root)
+            .args(["config", "check", file])
+            .env_remove("AGENTBRIDGE_CONFIG")
+            .output()
+            .expect("run agentbridge");
+        assert!(
+            out.status.success(),
+            "{file}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let compose = std::fs::read_to_string(root.join("deploy/compose.yaml")).expect("compose file");
+    for bin in [
+        "agentbridge-normalizer",
+        "agentbridge-trigger-worker",
+        "agentbridge-callback-dispatcher",
+        "agentbridge-metering",
+    ] {
+        assert!(compose.contains(&format!("[\"{bin}\"]")), "compose runs {bin}");
+        let manifest = root.join("services").join(bin.trim_start_matches("agentbridge-")).join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).expect("service manifest");
+        assert!(text.contains(&format!("name = \"{bin}\"")), "{} builds {bin}", manifest.display());
+    }
+    assert!(compose.contains("./compose.agentbridge.yaml:/etc/agentbridge/agentbridge.yaml"));
+}
