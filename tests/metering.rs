@@ -248,7 +248,7 @@ async fn counted_once_through(backend: Backend, db: Db) {
     // The group's queue exists before anything is published, whatever the broker.
     let inputs = [h.topics.usage(), h.topics.runs()];
     h.transport.declare_group(&h.metering.config.group, &inputs).await.expect("declare metering group");
-    let dlq = [h.topics.dlq("validate")];
+    let dlq = [h.topics.dlq("meter")];
     h.transport.declare_group("dlq", &dlq).await.expect("declare dlq group");
     let cancel = CancellationToken::new();
     let m = h.metering.clone();

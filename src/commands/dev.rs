@@ -180,7 +180,7 @@ pub async fn run(config: Option<&Path>, samples: &Path) -> anyhow::Result<ExitCo
     // The observer joins before anything is published, so it sees every message.
     let processes: Vec<String> = config.routes.iter().map(|r| r.business_process.clone()).collect();
     let mut watch = vec![topics.normalized(), topics.runs(), topics.review(), topics.usage()];
-    watch.extend(["normalize", "trigger", "validate", "writeback"].map(|s| topics.dlq(s)));
+    watch.extend(["normalize", "trigger", "validate", "writeback", "meter"].map(|s| topics.dlq(s)));
     watch.extend(processes.iter().map(|p| topics.results(p)));
     let mut observer = transport.subscribe("dev-observer", &watch).await?;
 

@@ -33,11 +33,11 @@ use clap::{Args, Subcommand};
 /// Header a replayed message carries: the id of the dead letter it came from.
 pub const HEADER_REPLAY_OF: &str = "x-agentbridge-replay-of";
 
-const STAGES: [Stage; 5] = [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Transport];
+const STAGES: [Stage; 6] = [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Meter, Stage::Transport];
 
 #[derive(Args, Clone)]
 pub struct Filter {
-    /// Only these stages (normalize, trigger, validate, writeback, transport); repeatable.
+    /// Only these stages (normalize, trigger, validate, writeback, meter, transport); repeatable.
     #[arg(long = "stage", value_parser = parse_stage)]
     stages: Vec<Stage>,
     /// Only this reason code (e.g. `schema_invalid`, `attempts_exhausted`).
@@ -88,7 +88,7 @@ fn parse_stage(s: &str) -> Result<Stage, String> {
     STAGES
         .into_iter()
         .find(|st| st.as_str() == s)
-        .ok_or_else(|| format!("unknown stage `{s}` (normalize, trigger, validate, writeback, transport)"))
+        .ok_or_else(|| format!("unknown stage `{s}` (normalize, trigger, validate, writeback, meter, transport)"))
 }
 
 impl Filter {

@@ -6,8 +6,7 @@
 //! budgets are evaluated, and only then is each delivery acked. A ledger or store failure sends
 //! the whole batch back with `retry_later` (nothing was acked; a redelivered record is counted
 //! once). A payload that can never be recorded (not a CloudEvent, wrong type, bad data) is
-//! dead-lettered at once: there is no metering stage in the contracts, so it goes to
-//! `dlq.validate` (`Stage::Validate`) with reason `usage_invalid` or `run_event_invalid`.
+//! dead-lettered at once to `dlq.meter` with reason `usage_invalid` or `run_event_invalid`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -18,7 +17,7 @@ use agentbridge_contracts::{Envelope, RunEvent, Stage, Topics, UsageRecord, RUN_
 use agentbridge_runtime::backoff::Backoff;
 use agentbridge_runtime::ops::{self, Readiness};
 use agentbridge_store::Store;
-use agentbridge_transport::{Delivery, Transport};
+use agentbridge_transport::{Delivery, Transport, DLQ_GROUP};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
@@ -216,6 +215,12 @@ impl Metering {
             .ensure_topics(&[topics[0].clone(), topics[1].clone(), self.topics.alerts()])
             .await
             .context("create topics")?;
+        // The operator's dead-letter group exists before anything can be dead-lettered, so a
+        // dead letter always has a queue to land in (RabbitMQ) and `agentbridge dlq` sees it.
+        self.transport
+            .declare_group(DLQ_GROUP, &[self.topics.dlq(Stage::Meter.as_str())])
+            .await
+            .context("declare the dlq group")?;
         let mut sub =
             self.transport.subscribe(&self.config.group, &topics).await.context("subscribe to usage and runs")?;
         tracing::info!(group = %self.config.group, ledger = self.ledger.backend(), "metering consuming");
@@ -266,7 +271,7 @@ impl Metering {
                 Err((reason, detail)) => {
                     self.metrics.invalid.with_label_values(&[reason]).inc();
                     tracing::warn!(reason, %detail, topic = d.topic(), "dead-lettering an unrecordable message");
-                    if let Err(e) = d.dead_letter(&self.topics, Stage::Validate, reason, &detail, SERVICE).await {
+                    if let Err(e) = d.dead_letter(&self.topics, Stage::Meter, reason, &detail, SERVICE).await {
                         tracing::warn!(error = %e, "dead letter not confirmed; the broker redelivers");
                     }
                 }

@@ -18,6 +18,8 @@ pub enum Stage {
     Trigger,
     Validate,
     Writeback,
+    /// Usage and run events metering cannot record.
+    Meter,
     /// Poison messages the transport itself gave up on (delivery limit).
     Transport,
 }
@@ -29,6 +31,7 @@ impl Stage {
             Stage::Trigger => "trigger",
             Stage::Validate => "validate",
             Stage::Writeback => "writeback",
+            Stage::Meter => "meter",
             Stage::Transport => "transport",
         }
     }
