@@ -12,10 +12,14 @@ use std::time::Duration;
 
 use agentbridge_callback_dispatcher::service::{self, Running};
 use agentbridge_callback_dispatcher::signature::{sign_seed, sign_standard};
-use agentbridge_config::{Config, RedisConfig, Secret, StoreConfig, StoreKind};
+use agentbridge_config::{
+    AgentConfig, AgentRunConfig, BackendKind, Config, RedisConfig, Secret, StoreConfig, StoreKind,
+};
 use agentbridge_contracts::{DeadLetter, Envelope, RunEvent, RunStage, Topics, UsageRecord};
 use agentbridge_runtime::CancellationToken;
+use agentbridge_store::Claim;
 use agentbridge_transport::{Message, Transport};
+use agentbridge_trigger_worker::simulator::{Knobs, Simulator, SimulatorConfig};
 use bytes::Bytes;
 use common::{redis_url, transport_config, unique_prefix, Backend};
 use serde_json::{json, Value};
@@ -36,6 +40,7 @@ async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool
 type Seen = Arc<Mutex<Vec<(String, Bytes)>>>;
 
 struct Harness {
+    config: Config,
     topics: Topics,
     transport: Arc<dyn Transport>,
     store: Arc<dyn agentbridge_store::Store>,
@@ -101,7 +106,17 @@ impl Harness {
         let cancel = CancellationToken::new();
         let running = service::start(&config, transport.clone(), store.clone(), cancel.clone()).await.expect("start");
         let addr = running.addr;
-        Self { topics, transport, store, addr, seen, cancel, running: Some(running), http: reqwest::Client::new() }
+        Self {
+            config,
+            topics,
+            transport,
+            store,
+            addr,
+            seen,
+            cancel,
+            running: Some(running),
+            http: reqwest::Client::new(),
+        }
     }
 
     fn on(&self, topic: &str) -> Vec<Bytes> {
@@ -368,6 +383,274 @@ async fn end_to_end_on_rabbitmq_and_redis() {
 #[tokio::test]
 async fn end_to_end_on_kafka_and_redis() {
     end_to_end(Backend::Kafka).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded re-runs: the dispatcher, the real trigger-worker and the simulator as the platform.
+
+/// A normalized event as the normalizer publishes it; returns its idempotency key.
+fn normalized_event(prefix: &str, n: &str) -> (String, Envelope) {
+    let source_event_id = format!("{prefix}{n}");
+    let key = agentbridge_contracts::idempotency_key("zendesk", &source_event_id);
+    let mut e = Envelope::new(
+        key.clone(),
+        "agentbridge/normalizer/zendesk",
+        "zendesk.ticket.created",
+        json!({
+            "input": {"ticket_id": n, "subject": "Payment failed", "latest_message": "card declined twice"},
+            "source": {"system": "zendesk", "entity_type": "ticket", "entity_id": n, "event_id": source_event_id},
+        }),
+    );
+    e.idempotencykey = Some(key.clone());
+    e.agent = Some("support-triage".into());
+    e.businessprocess = Some("customer_support".into());
+    e.costcenter = Some("cc-support".into());
+    e.sourceeventid = Some(source_event_id);
+    e.subject = Some(format!("ticket/{n}"));
+    (key, e)
+}
+
+/// How a test run ends, as the platform reports it.
+enum Outcome {
+    /// `workspace.agent.run.failed` with this error code.
+    Failed(&'static str),
+    /// Completed with this output.
+    Completed(Value),
+}
+
+/// Publishes the completion of `run_id` (business event `key`) to `completions`, as the
+/// callback endpoint would, under CloudEvent id `id`.
+async fn complete(h: &Harness, key: &str, run_id: &str, id: &str, outcome: &Outcome) {
+    let (ty, data) = match outcome {
+        Outcome::Failed(code) => (
+            "workspace.agent.run.failed",
+            json!({"id": run_id, "agent_id": "support-triage", "status": "failed",
+                   "error": {"code": code, "message": "upstream trouble"},
+                   "usage": {"input_tokens": 10, "output_tokens": 0, "total_tokens": 10},
+                   "metadata": {"idempotency_key": key, "business_process": "customer_support"}}),
+        ),
+        Outcome::Completed(output) => (
+            "workspace.agent.run.completed",
+            json!({"id": run_id, "agent_id": "support-triage", "status": "completed", "output": output,
+                   "usage": {"input_tokens": 120, "output_tokens": 80, "total_tokens": 200},
+                   "completed_at": chrono::Utc::now().to_rfc3339(),
+                   "metadata": {"idempotency_key": key, "business_process": "customer_support"}}),
+        ),
+    };
+    let mut e = Envelope::new(id, "agentbridge/callback-dispatcher", ty, data);
+    e.subject = Some(run_id.to_string());
+    e.idempotencykey = Some(key.to_string());
+    h.transport
+        .publish(&h.topics.completions(), Message::new(Some(key.to_string()), e.to_vec()))
+        .await
+        .expect("publish completion");
+}
+
+/// Lifecycle events on `runs`, by CloudEvent id.
+fn lifecycle(h: &Harness) -> std::collections::BTreeMap<String, RunEvent> {
+    h.on(&h.topics.runs())
+        .iter()
+        .map(|b| Envelope::from_slice(b).expect("lifecycle CloudEvent"))
+        .map(|e| (e.id.clone(), serde_json::from_value(e.data).expect("RunEvent")))
+        .collect()
+}
+
+/// The run id of the `rerun`-th run of `key`, once the trigger-worker announced it.
+async fn triggered_run(h: &Harness, key: &str, rerun: u32, within: Duration) -> String {
+    let id = agentbridge_contracts::run_event_id(key, rerun, RunStage::Triggered);
+    let mut run_id = None;
+    eventually(within, &format!("lifecycle event {id}"), || {
+        run_id = lifecycle(h).get(&id).and_then(|ev| ev.run_id.clone());
+        run_id.is_some()
+    })
+    .await;
+    run_id.expect("run id")
+}
+
+/// Transiently failed runs go back to the trigger-worker (real worker, simulator platform,
+/// real broker and Redis): A fails once (its failed completion delivered twice) and succeeds on
+/// the re-run; B fails, reports `tool_unavailable`, fails again and is dead-lettered past
+/// `max_reruns: 2`; C fails permanently and is dead-lettered at once.
+async fn reruns(backend: Backend) {
+    let delay = Duration::from_secs(1);
+    let cancel = CancellationToken::new();
+    let sim_config = SimulatorConfig {
+        // The platform never calls back: the test publishes each completion itself.
+        knobs: Knobs { completion_delay: Duration::from_secs(3600), ..Knobs::default() },
+        ..SimulatorConfig::default()
+    };
+    let sim = Simulator::start("127.0.0.1:0".parse().expect("addr"), sim_config, cancel.clone()).await.expect("sim");
+    let sim_url = sim.base_url();
+    let h = Harness::start_with(backend, move |c| {
+        c.dispatcher.rerun.max_reruns = 2;
+        c.dispatcher.rerun.delay = delay;
+        c.trigger_worker.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.trigger_worker.hold_delay = Duration::from_millis(200);
+        c.trigger_worker.callback_url = "http://127.0.0.1:9/unused".into();
+        let run =
+            AgentRunConfig { backend: BackendKind::Simulator, base_url: Some(sim_url), ..AgentRunConfig::default() };
+        c.agents.insert("support-triage".into(), AgentConfig { run, ..AgentConfig::default() });
+    })
+    .await;
+    let trigger_worker =
+        tokio::spawn(agentbridge_trigger_worker::service::run_until_stopped(h.config.clone(), cancel.child_token()));
+    let patience = if backend == Backend::Kafka { Duration::from_secs(90) } else { Duration::from_secs(30) };
+    let prefix = h.topics.prefix().to_string();
+    let (ka, a) = normalized_event(&prefix, "a");
+    let (kb, b) = normalized_event(&prefix, "b");
+    let (kc, c) = normalized_event(&prefix, "c");
+    for (k, e) in [(&ka, &a), (&kb, &b), (&kc, &c)] {
+        h.transport
+            .publish(&h.topics.normalized(), Message::new(Some(k.clone()), e.to_vec()))
+            .await
+            .expect("publish normalized");
+    }
+
+    // First runs: A and B fail transiently (A's failure arrives twice), C permanently.
+    let a0 = triggered_run(&h, &ka, 0, patience).await;
+    let b0 = triggered_run(&h, &kb, 0, patience).await;
+    let c0 = triggered_run(&h, &kc, 0, patience).await;
+    let failed_at = chrono::Utc::now().timestamp_millis();
+    complete(&h, &ka, &a0, "evt_a0", &Outcome::Failed("server_error")).await;
+    complete(&h, &ka, &a0, "evt_a0_again", &Outcome::Failed("server_error")).await;
+    complete(&h, &kb, &b0, "evt_b0", &Outcome::Failed("rate_limited")).await;
+    complete(&h, &kc, &c0, "evt_c0", &Outcome::Failed("invalid_request")).await;
+
+    // Re-run 1 of A succeeds; B's first re-run reports a tool outage, its second fails.
+    let a1 = triggered_run(&h, &ka, 1, patience).await;
+    let first_rerun_at = sim.stats().first_accepted_at_ms[&format!("{ka}.rerun-1")];
+    assert!(first_rerun_at - failed_at >= delay.as_millis() as i64, "re-run after {} ms", first_rerun_at - failed_at);
+    complete(&h, &ka, &a1, "evt_a1", &Outcome::Completed(triage_output())).await;
+    let b1 = triggered_run(&h, &kb, 1, patience).await;
+    let outage = json!({"error": {"status": "tool_unavailable", "message": "CRM down"}});
+    complete(&h, &kb, &b1, "evt_b1", &Outcome::Completed(outage)).await;
+    let b2 = triggered_run(&h, &kb, 2, patience).await;
+    complete(&h, &kb, &b2, "evt_b2", &Outcome::Failed("timeout")).await;
+
+    let results = h.topics.results("customer_support");
+    let dlq = h.topics.dlq("validate");
+    eventually(patience, "A's result and two dead letters", || h.on(&results).len() == 1 && h.on(&dlq).len() == 2)
+        .await;
+    // Quiet time for anything that should not happen (a second re-run of A, a third of B).
+    tokio::time::sleep(delay * 3).await;
+
+    // The platform saw each business event's first run once, and each re-run once, under its
+    // suffixed Idempotency-Key; nothing past the bound, nothing for the permanent failure.
+    let stats = sim.stats();
+    let requests: Vec<(&str, u32)> = stats.requests_by_key.iter().map(|(k, n)| (k.as_str(), *n)).collect();
+    let (a_1, b_1, b_2) = (format!("{ka}.rerun-1"), format!("{kb}.rerun-1"), format!("{kb}.rerun-2"));
+    let mut want = vec![(ka.as_str(), 1), (a_1.as_str(), 1), (kb.as_str(), 1), (b_1.as_str(), 1), (b_2.as_str(), 1)];
+    want.push((kc.as_str(), 1));
+    want.sort();
+    assert_eq!(requests, want);
+    // The re-run carries its number in the metadata, and correlates on the unchanged key.
+    let run: Value = h
+        .http
+        .get(format!("{}/v1/runs/{a1}", sim.base_url()))
+        .send()
+        .await
+        .expect("poll simulator")
+        .json()
+        .await
+        .expect("run JSON");
+    assert_eq!(
+        (run["metadata"]["idempotency_key"].as_str(), run["metadata"]["rerun"].as_u64()),
+        (Some(ka.as_str()), Some(1))
+    );
+    // The dedup claim stayed on the key and now records the successful run.
+    let claim = agentbridge_contracts::trigger_claim_key(&ka);
+    assert_eq!(h.store.claim(&claim, Duration::from_secs(1)).await.expect("claim"), Claim::Done { value: a1.clone() });
+
+    let r = Envelope::from_slice(&h.on(&results)[0]).expect("result");
+    assert_eq!((r.data["run_id"].as_str(), r.data["idempotency_key"].as_str()), (Some(a1.as_str()), Some(ka.as_str())));
+    assert_eq!(r.data["decision"], "allow");
+    assert_eq!(r.data["correlated_by"], "run_state");
+
+    let mut dead: Vec<DeadLetter> =
+        h.on(&dlq).iter().map(|b| DeadLetter::from_slice(b).expect("dead letter")).collect();
+    dead.sort_by(|x, y| x.reason.cmp(&y.reason));
+    assert_eq!(dead.iter().map(|d| d.reason.as_str()).collect::<Vec<_>>(), ["attempts_exhausted", "run_failed"]);
+    let exhausted = Envelope::from_slice(&dead[0].original).expect("completion");
+    assert_eq!(exhausted.subject.as_deref(), Some(b2.as_str()), "the last failed run is dead-lettered");
+    assert!(dead[0].detail.contains("3 runs failed") && dead[0].detail.contains("(timeout)"), "{}", dead[0].detail);
+    let permanent = Envelope::from_slice(&dead[1].original).expect("completion");
+    assert_eq!(permanent.subject.as_deref(), Some(c0.as_str()));
+
+    // Lifecycle: every run has its own events; the re-runs are announced as `rerun_scheduled`.
+    let events = lifecycle(&h);
+    let id = |key: &str, n: u32, stage: RunStage| agentbridge_contracts::run_event_id(key, n, stage);
+    for (key, n) in [(&ka, 0), (&kb, 0), (&kb, 1)] {
+        let ev = &events[&id(key, n, RunStage::Failed)];
+        assert_eq!(ev.reason.as_deref(), Some("rerun_scheduled"), "{key} run {n}: {ev:?}");
+    }
+    assert_eq!(events[&id(&ka, 1, RunStage::Validated)].run_id.as_deref(), Some(a1.as_str()));
+    assert_eq!(events[&id(&kb, 2, RunStage::Failed)].reason.as_deref(), Some("attempts_exhausted"));
+    assert_eq!(events[&id(&kc, 0, RunStage::Failed)].reason.as_deref(), Some("run_failed"));
+    assert!(
+        !events.contains_key(&id(&ka, 2, RunStage::Triggered))
+            && !events.contains_key(&id(&kb, 3, RunStage::Triggered))
+    );
+    // One usage record per run (each run is billed), re-runs included.
+    assert_eq!(h.on(&h.topics.usage()).len(), 6);
+
+    let metrics = h.running.as_ref().map(|r| r.metrics.clone()).expect("running");
+    assert_eq!(metrics.reruns_count("support-triage", "scheduled"), 3);
+    assert_eq!(metrics.reruns_count("support-triage", "exhausted"), 1);
+    cancel.cancel();
+    h.stop().await;
+    tokio::time::timeout(Duration::from_secs(30), trigger_worker)
+        .await
+        .expect("trigger-worker drains")
+        .expect("task")
+        .expect("trigger-worker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_rerun_within_the_bound_on_rabbitmq_and_redis() {
+    reruns(Backend::Rabbitmq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_rerun_within_the_bound_on_kafka_and_redis() {
+    reruns(Backend::Kafka).await;
+}
+
+/// With re-runs off, or without run state to re-run from, a transient failure is dead-lettered
+/// at once, as before, and the detail says why it was not re-run.
+#[tokio::test]
+async fn without_reruns_or_run_state_transient_failures_are_dead_lettered() {
+    let h = Harness::start_with(Backend::Memory, |c| c.dispatcher.rerun.max_reruns = 0).await;
+    put_run(&h, "run_off", json!({"ticket_id": "35436"})).await;
+    complete(&h, "key-run_off", "run_off", "evt_off", &Outcome::Failed("overloaded")).await;
+    let outage = json!({"error": {"status": "tool_unavailable", "message": "CRM down"}});
+    put_run(&h, "run_tool", json!({"ticket_id": "35436"})).await;
+    complete(&h, "key-run_tool", "run_tool", "evt_tool", &Outcome::Completed(outage)).await;
+    let dlq = h.topics.dlq("validate");
+    eventually(Duration::from_secs(5), "two dead letters", || h.on(&dlq).len() == 2).await;
+    let mut dead: Vec<DeadLetter> = h.on(&dlq).iter().map(|b| DeadLetter::from_slice(b).expect("dl")).collect();
+    dead.sort_by(|x, y| x.reason.cmp(&y.reason));
+    assert_eq!((dead[0].reason.as_str(), dead[1].reason.as_str()), ("run_failed_transient", "tool_unavailable"));
+    assert!(dead.iter().all(|d| d.detail.contains("not re-run: re-runs are off")), "{dead:?}");
+    h.stop().await;
+
+    // On by default, but the run state is gone (so is the event to re-run), and a cancelled run
+    // is never re-run.
+    let h = Harness::start(Backend::Memory).await;
+    complete(&h, "key-run_gone", "run_gone", "evt_gone", &Outcome::Failed("server_error")).await;
+    put_run(&h, "run_cancelled", json!({"ticket_id": "35436"})).await;
+    complete(&h, "key-run_cancelled", "run_cancelled", "evt_cancelled", &Outcome::Failed("cancelled")).await;
+    eventually(Duration::from_secs(10), "two dead letters", || h.on(&dlq_of(&h)).len() == 2).await;
+    let dead: Vec<DeadLetter> = h.on(&dlq_of(&h)).iter().map(|b| DeadLetter::from_slice(b).expect("dl")).collect();
+    assert!(dead.iter().all(|d| d.reason == "run_failed_transient"), "{dead:?}");
+    assert!(dead.iter().any(|d| d.detail.contains("not re-run: the run state")), "{dead:?}");
+    assert!(dead.iter().any(|d| d.detail.contains("stopped on purpose")), "{dead:?}");
+    let metrics = h.running.as_ref().map(|r| r.metrics.clone()).expect("running");
+    assert_eq!(metrics.reruns_count("support-triage", "scheduled"), 0);
+    h.stop().await;
+}
+
+fn dlq_of(h: &Harness) -> String {
+    h.topics.dlq("validate")
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentbridge_config::{RedisConfig, Secret, StoreConfig, StoreKind};
-use agentbridge_store::{Claim, Rate, Store, StoreError};
+use agentbridge_store::{Claim, Rate, Reopen, Store, StoreError};
 use common::{redis_url, unique_prefix};
 use tokio::time::Instant;
 
@@ -216,6 +216,105 @@ async fn commit_marks_done_for_its_ttl_and_release_frees_at_once(backend: Backen
     let t2 = token(ctx.b.claim("released", lease).await.expect("claim"));
     assert_ne!(t, t2);
     assert!(!ctx.a.commit("released", &t, "x", ttl).await.expect("commit"), "the released token is dead");
+    ctx.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bounded re-runs: reopening a committed claim
+// ---------------------------------------------------------------------------------------------
+
+async fn reopen_counts_reruns_and_stops_at_the_bound(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(60));
+    let t = token(ctx.a.claim("event", lease).await.expect("claim"));
+    // Nothing to reopen while the first run is being triggered.
+    assert_eq!(ctx.b.reopen("event", "run-1", 2, ttl).await.expect("reopen"), Reopen::InProgress, "claimed");
+    assert!(ctx.a.commit("event", &t, "run-1", ttl).await.expect("commit"));
+    assert_eq!(ctx.b.reopen("event", "run-0", 2, ttl).await.expect("reopen"), Reopen::NotCommitted, "other value");
+    assert_eq!(ctx.b.reopen("unknown", "run-1", 2, ttl).await.expect("reopen"), Reopen::NotCommitted, "no key");
+
+    // Re-run 1: the key is free for the trigger-worker; asking again changes nothing.
+    assert_eq!(ctx.b.reopen("event", "run-1", 2, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 1 });
+    assert_eq!(ctx.a.reopen("event", "run-1", 2, ttl).await.expect("reopen"), Reopen::AlreadyReopened { rerun: 1 });
+    let t = token(ctx.a.claim("event", lease).await.expect("the reopened key is claimable"));
+    assert_eq!(ctx.b.reopen("event", "run-1", 2, ttl).await.expect("reopen"), Reopen::AlreadyReopened { rerun: 1 });
+    assert!(ctx.a.commit("event", &t, "run-2", ttl).await.expect("commit"));
+
+    // Re-run 2, then the bound: the third failure keeps the key committed.
+    assert_eq!(ctx.b.reopen("event", "run-2", 2, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 2 });
+    assert_eq!(ctx.a.reopen("event", "run-1", 2, ttl).await.expect("reopen"), Reopen::NotCommitted, "superseded");
+    let t = token(ctx.a.claim("event", lease).await.expect("claim"));
+    assert_eq!(ctx.b.reopen("event", "run-1", 2, ttl).await.expect("reopen"), Reopen::InProgress, "re-run 2 running");
+    assert!(ctx.a.commit("event", &t, "run-3", ttl).await.expect("commit"));
+    assert_eq!(ctx.b.reopen("event", "run-3", 2, ttl).await.expect("reopen"), Reopen::Exhausted { reruns: 2 });
+    assert_eq!(ctx.a.reopen("event", "run-3", 2, ttl).await.expect("reopen"), Reopen::Exhausted { reruns: 2 });
+    assert_eq!(ctx.a.claim("event", lease).await.expect("claim"), Claim::Done { value: "run-3".into() });
+    // A larger bound (configuration changed) allows one more, counting on from 2.
+    assert_eq!(ctx.a.reopen("event", "run-3", 3, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 3 });
+
+    // Keys count separately; a bound of 0 never reopens; values with colons are kept whole.
+    let t = token(ctx.a.claim("other", lease).await.expect("claim"));
+    assert!(ctx.a.commit("other", &t, "run:a:b", ttl).await.expect("commit"));
+    assert_eq!(ctx.b.reopen("other", "run:a:b", 0, ttl).await.expect("reopen"), Reopen::Exhausted { reruns: 0 });
+    assert_eq!(ctx.b.reopen("other", "run:a:b", 1, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 1 });
+    assert_eq!(ctx.a.reopen("other", "run:a:b", 1, ttl).await.expect("reopen"), Reopen::AlreadyReopened { rerun: 1 });
+    ctx.cleanup().await;
+}
+
+async fn concurrent_reopens_of_one_failed_run_reopen_once(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let ttl = Duration::from_secs(60);
+    const TASKS: usize = 40;
+    for round in 0..3 {
+        let key = format!("event-{round}");
+        let t = token(ctx.a.claim(&key, ttl).await.expect("claim"));
+        assert!(ctx.a.commit(&key, &t, "run-failed", ttl).await.expect("commit"));
+        // Two replicas handling duplicates of the failed completion, and one (stale) completion
+        // of another run, all at once.
+        let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|i| {
+                let (store, key, barrier) = (ctx.client(i), key.clone(), barrier.clone());
+                let value = if i == TASKS - 1 { "run-other" } else { "run-failed" };
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    (value, store.reopen(&key, value, 2, ttl).await.expect("reopen"))
+                })
+            })
+            .collect();
+        let mut reopened = 0;
+        for task in tasks {
+            match task.await.expect("task") {
+                ("run-other", outcome) => assert_eq!(outcome, Reopen::NotCommitted),
+                (_, Reopen::Reopened { rerun: 1 }) => reopened += 1,
+                (_, Reopen::AlreadyReopened { rerun: 1 }) => {}
+                (_, other) => panic!("round {round}: unexpected {other:?}"),
+            }
+        }
+        assert_eq!(reopened, 1, "round {round}: exactly one reopen");
+        token(ctx.b.claim(&key, ttl).await.expect("the key is free for the re-run"));
+    }
+    ctx.cleanup().await;
+}
+
+async fn rerun_count_lives_for_its_ttl(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let lease = Duration::from_secs(30);
+    let ttl = Duration::from_millis(400);
+    let t = token(ctx.a.claim("event", lease).await.expect("claim"));
+    assert!(ctx.a.commit("event", &t, "run-1", Duration::from_secs(60)).await.expect("commit"));
+    let reopened_at = Instant::now();
+    assert_eq!(ctx.b.reopen("event", "run-1", 1, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 1 });
+    let t = token(ctx.a.claim("event", lease).await.expect("claim"));
+    assert!(ctx.a.commit("event", &t, "run-2", Duration::from_secs(60)).await.expect("commit"));
+    let before = Instant::now();
+    let early = ctx.b.reopen("event", "run-2", 1, ttl).await.expect("reopen");
+    if before.duration_since(reopened_at) < ttl {
+        assert_eq!(early, Reopen::Exhausted { reruns: 1 }, "the count is still known");
+    }
+    // Once the record expired (with the commit it belongs to, in real use) counting starts over.
+    tokio::time::sleep_until(reopened_at + ttl + Duration::from_millis(100)).await;
+    assert_eq!(ctx.b.reopen("event", "run-2", 1, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 1 });
     ctx.cleanup().await;
 }
 
@@ -448,6 +547,55 @@ async fn deadlines_schedule_cancel_and_take_due_once(backend: Backend) {
     ctx.cleanup().await;
 }
 
+async fn polls_schedule_cancel_and_take_due_once_apart_from_deadlines(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let now: i64 = 1_700_000_000_000;
+
+    // The same run id in both sets: each set hands it out on its own schedule.
+    ctx.a.schedule_deadline("run-1", now + 60_000).await.expect("deadline");
+    ctx.a.schedule_poll("run-1", now - 1).await.expect("poll");
+    ctx.b.schedule_poll("run-1", now).await.expect("re-scheduling replaces the poll time");
+    ctx.a.schedule_poll("cancelled", now - 10).await.expect("poll");
+    assert!(ctx.b.cancel_poll("cancelled").await.expect("cancel"), "a scheduled poll is removed");
+    assert!(!ctx.b.cancel_poll("cancelled").await.expect("cancel"), "cancelled twice");
+    ctx.a.schedule_poll("later", now + 500).await.expect("poll");
+    assert!(ctx.b.take_due(now, 10).await.expect("take").is_empty(), "no deadline is due");
+    assert!(ctx.b.take_due_polls(now, 0).await.expect("take").is_empty(), "limit 0 takes nothing");
+    assert_eq!(ctx.b.take_due_polls(now, 10).await.expect("take"), ["run-1"]);
+    assert!(ctx.a.take_due_polls(now, 10).await.expect("take").is_empty(), "handed out once");
+    assert!(ctx.a.cancel_deadline("run-1").await.expect("cancel"), "taking the poll left the deadline");
+
+    // Concurrent takers on two clients: every due poll comes out exactly once.
+    const DUE: usize = 120;
+    for i in 0..DUE {
+        ctx.client(i).schedule_poll(&format!("poll-{i:03}"), now - (i as i64 % 20)).await.expect("poll");
+    }
+    let tasks: Vec<_> = (0..4)
+        .map(|i| {
+            let store = ctx.client(i);
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                loop {
+                    let batch = store.take_due_polls(now, 5).await.expect("take");
+                    assert!(batch.len() <= 5, "limit honoured");
+                    if batch.is_empty() {
+                        return got;
+                    }
+                    got.extend(batch);
+                }
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("task"));
+    }
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!((all.len(), unique.len()), (DUE, DUE), "every due poll once");
+    assert_eq!(ctx.a.take_due_polls(now + 500, 10).await.expect("take"), ["later"]);
+    ctx.cleanup().await;
+}
+
 macro_rules! contract {
     ($backend:ident, $modname:ident) => {
         mod $modname {
@@ -463,6 +611,18 @@ macro_rules! contract {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn commit_marks_done_for_its_ttl_and_release_frees_at_once() {
                 super::commit_marks_done_for_its_ttl_and_release_frees_at_once(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn reopen_counts_reruns_and_stops_at_the_bound() {
+                super::reopen_counts_reruns_and_stops_at_the_bound(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_reopens_of_one_failed_run_reopen_once() {
+                super::concurrent_reopens_of_one_failed_run_reopen_once(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn rerun_count_lives_for_its_ttl() {
+                super::rerun_count_lives_for_its_ttl(Backend::$backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn rate_limit_admits_the_rate_across_two_clients() {
@@ -487,6 +647,10 @@ macro_rules! contract {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn deadlines_schedule_cancel_and_take_due_once() {
                 super::deadlines_schedule_cancel_and_take_due_once(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn polls_schedule_cancel_and_take_due_once_apart_from_deadlines() {
+                super::polls_schedule_cancel_and_take_due_once_apart_from_deadlines(Backend::$backend).await
             }
         }
     };
@@ -519,6 +683,7 @@ async fn assert_every_call_fails(store: &dyn Store, bound: Duration) {
     fails("claim", bound, store.claim("k", ttl)).await;
     fails("commit", bound, store.commit("k", "token", "v", ttl)).await;
     fails("release", bound, store.release("k", "token")).await;
+    fails("reopen", bound, store.reopen("k", "run", 2, ttl)).await;
     fails("rate_limit", bound, store.rate_limit("k", Rate::per_second(10))).await;
     fails("set_flag", bound, store.set_flag("f", "v", None)).await;
     fails("get_flag", bound, store.get_flag("f")).await;
@@ -531,6 +696,9 @@ async fn assert_every_call_fails(store: &dyn Store, bound: Duration) {
     fails("schedule_deadline", bound, store.schedule_deadline("r", 0)).await;
     fails("cancel_deadline", bound, store.cancel_deadline("r")).await;
     fails("take_due", bound, store.take_due(i64::MAX, 10)).await;
+    fails("schedule_poll", bound, store.schedule_poll("r", 0)).await;
+    fails("cancel_poll", bound, store.cancel_poll("r")).await;
+    fails("take_due_polls", bound, store.take_due_polls(i64::MAX, 10)).await;
     fails("ping again", bound, store.ping()).await;
 }
 

@@ -4,8 +4,10 @@
 //!
 //! What is proven: one trigger per business event under duplicate storms and replica races,
 //! takeover after a crashed claim with the same Idempotency-Key, retry-or-dead-letter under 5xx,
-//! immediate dead letters for 4xx, Retry-After honoured, pause holds events, and a rate limit
-//! shared by replicas.
+//! immediate dead letters for 4xx, Retry-After honoured, pause holds events, a rate limit
+//! shared by replicas, and the completion modes: polled runs (callbacks off) and synchronous
+//! runs each land on `completions` once, in the shape the callback-dispatcher validates, and
+//! the watchdog publishes a run whose callback went missing instead of dead-lettering it.
 
 mod common;
 
@@ -13,22 +15,28 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use agentbridge_callback_dispatcher::worker::correlate;
 use agentbridge_config::{
-    AgentConfig, AgentRunConfig, BackendKind, Config, RateLimitConfig, RedisConfig, Secret, StoreConfig, StoreKind,
+    AgentConfig, AgentRunConfig, BackendKind, CompletionConfig, CompletionMode, Config, RateLimitConfig, RedisConfig,
+    Secret, StoreConfig, StoreKind,
 };
-use agentbridge_contracts::{idempotency_key, DeadLetter, Envelope, RunEvent, RunStage, Topics, RUN_EVENT_TYPE};
+use agentbridge_contracts::{
+    idempotency_key, Completion, DeadLetter, Envelope, RunEvent, RunStage, Topics, RUN_COMPLETED, RUN_EVENT_TYPE,
+};
 use agentbridge_runtime::CancellationToken;
 use agentbridge_store::{Claim, Rate, RateDecision, StoreError};
 use agentbridge_transport::{Message, Subscription, Transport, DLQ_GROUP};
-use agentbridge_trigger_worker::metrics::outcome;
-use agentbridge_trigger_worker::simulator::{Knobs, Signing, Simulator, SimulatorConfig, Stats};
+use agentbridge_trigger_worker::metrics::{outcome, via};
+use agentbridge_trigger_worker::simulator::{output_for, Knobs, Signing, Simulator, SimulatorConfig, Stats};
 use agentbridge_trigger_worker::workspace::WorkspaceBackend;
-use agentbridge_trigger_worker::{claim_key, paused_flag, AgentBackend, Watchdog, Worker};
+use agentbridge_trigger_worker::{build_backends, claim_key, paused_flag, AgentBackend, Poller, Watchdog, Worker};
 use common::{redis_url, transport_config, unique_prefix, Backend};
 use serde_json::json;
 use tokio::task::JoinHandle;
 
 const AGENT: &str = "support-triage";
+/// A group reading `completions` in the tests (declared before anything is published).
+const COMPLETIONS_OBSERVER: &str = "completions-observer";
 
 /// Polls `cond` every 50 ms until it holds, failing the test after `within`.
 async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
@@ -95,13 +103,20 @@ impl Harness {
         let store = agentbridge_store::connect(&config.store).await.expect("store");
         let topics = Topics::new(prefix.clone());
         // Declared before anything is published, so RabbitMQ keeps every message for them.
-        transport.ensure_topics(&[topics.normalized(), topics.runs(), topics.dlq("trigger")]).await.expect("topics");
+        transport
+            .ensure_topics(&[topics.normalized(), topics.runs(), topics.dlq("trigger"), topics.completions()])
+            .await
+            .expect("topics");
         transport
             .declare_group(&config.trigger_worker.group, &[topics.normalized()])
             .await
             .expect("declare worker group");
         transport.declare_group("observer", &[topics.runs()]).await.expect("declare observer group");
         transport.declare_group(DLQ_GROUP, &[topics.dlq("trigger")]).await.expect("declare dlq group");
+        transport
+            .declare_group(COMPLETIONS_OBSERVER, &[topics.completions()])
+            .await
+            .expect("declare completions group");
         Self { backend, prefix, topics, config, transport, store, sim, cancel, replicas: Vec::new() }
     }
 
@@ -125,8 +140,34 @@ impl Harness {
     async fn spawn_watchdog(&self, metrics: agentbridge_trigger_worker::Metrics) {
         let transport = agentbridge_transport::connect(&self.config.transport).await.expect("watchdog transport");
         let store = agentbridge_store::connect(&self.config.store).await.expect("watchdog store");
-        let watchdog = Watchdog::new(&self.config, transport, store, metrics);
+        let backends = build_backends(&self.config).expect("backends");
+        let watchdog = Watchdog::new(&self.config, transport, store, metrics, backends);
         tokio::spawn(watchdog.run(self.cancel.child_token()));
+    }
+
+    /// Starts a completion poller (its own store and broker connections), as each replica of
+    /// the service runs one.
+    async fn spawn_poller(&self, metrics: agentbridge_trigger_worker::Metrics) {
+        let transport = agentbridge_transport::connect(&self.config.transport).await.expect("poller transport");
+        let store = agentbridge_store::connect(&self.config.store).await.expect("poller store");
+        let backends = build_backends(&self.config).expect("backends");
+        let poller = Arc::new(Poller::new(&self.config, transport, store, metrics, backends));
+        tokio::spawn(poller.run(self.cancel.child_token()));
+    }
+
+    /// Every completion on `completions` until `quiet` passes without one.
+    async fn completions(&self, quiet: Duration) -> Vec<Envelope> {
+        let mut sub =
+            self.transport.subscribe(COMPLETIONS_OBSERVER, &[self.topics.completions()]).await.expect("subscribe");
+        drain(&mut sub, quiet).await.iter().map(|b| Envelope::from_slice(b).expect("completion CloudEvent")).collect()
+    }
+
+    /// The run id the event's committed claim recorded.
+    async fn run_of(&self, key: &str) -> String {
+        match self.store.claim(&claim_key(key), Duration::from_secs(1)).await.expect("claim") {
+            Claim::Done { value } => value,
+            other => panic!("not committed: {other:?}"),
+        }
     }
 
     /// Sum of `events_total{agent, outcome}` over the replicas.
@@ -469,12 +510,299 @@ pub async fn overdue_run_is_dead_lettered_as_callback_timeout(backend: Backend) 
     assert_eq!(dead[0].original, late_bytes, "the original normalized event");
     assert_eq!(dead[0].origin.topic, h.topics.normalized());
     assert_eq!(dead[0].headers.get("run_id"), Some(&late_run));
+    assert!(dead[0].detail.contains("platform status at the deadline: queued"), "polled first: {}", dead[0].detail);
     let events = h.run_events(Duration::from_secs(2)).await;
     let timed_out = stage_events(&events, RunStage::TimedOut);
     assert_eq!(timed_out.len(), 1, "{events:?}");
     assert_eq!(timed_out[0].run_id.as_deref(), Some(late_run.as_str()));
     assert_eq!(timed_out[0].reason.as_deref(), Some("callback_timeout"));
     assert_eq!(watchdog_metrics.timed_out_count(AGENT), 1, "the completed run is left alone");
+    h.stop().await;
+}
+
+/// Polling replaces the callback: the runs complete without calling back (no callback URL is
+/// sent), two replicas' pollers find them final, and each completion lands on `completions`
+/// exactly once; the real callback-dispatcher validates them into results like callbacks.
+pub async fn poll_mode_publishes_each_completion_once(backend: Backend) {
+    let mut h = Harness::new(backend, Knobs::default(), |c| {
+        c.trigger_worker.run_deadline = Duration::from_secs(60);
+        c.trigger_worker.watchdog_interval = Duration::from_millis(200);
+        if let Some(a) = c.agents.get_mut(AGENT) {
+            a.run.completion = CompletionConfig {
+                mode: CompletionMode::Poll,
+                poll_initial_interval: Duration::from_millis(200),
+                poll_max_interval: Duration::from_secs(1),
+            };
+        }
+        // What the callback-dispatcher needs to start; no callback reaches it in this test.
+        c.dispatcher.secrets = vec![Secret::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")];
+        c.dispatcher.listen = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.schemas_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    })
+    .await;
+    // Runs finish 1.5 s after their trigger: several polls find them still queued first.
+    h.sim.set_knobs(Knobs { completion_delay: Duration::from_millis(1500), ..Knobs::default() });
+    let results = h.topics.results("customer_support");
+    h.transport.ensure_topics(std::slice::from_ref(&results)).await.expect("results topic");
+    h.transport.declare_group("results-observer", std::slice::from_ref(&results)).await.expect("declare");
+    h.spawn_replica().await;
+    h.spawn_replica().await;
+    let pollers = [
+        agentbridge_trigger_worker::Metrics::new().expect("metrics"),
+        agentbridge_trigger_worker::Metrics::new().expect("metrics"),
+    ];
+    for m in &pollers {
+        h.spawn_poller(m.clone()).await;
+    }
+    let watchdog_metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
+    h.spawn_watchdog(watchdog_metrics.clone()).await;
+    let dispatcher_transport = agentbridge_transport::connect(&h.config.transport).await.expect("transport");
+    let dispatcher_store = agentbridge_store::connect(&h.config.store).await.expect("store");
+    let dispatcher = agentbridge_callback_dispatcher::service::start(
+        &h.config,
+        dispatcher_transport,
+        dispatcher_store,
+        h.cancel.child_token(),
+    )
+    .await
+    .expect("dispatcher");
+
+    let n = 4;
+    let mut keys = Vec::new();
+    for i in 0..n {
+        let (key, bytes) = h.event(&format!("polled-{i}"));
+        h.publish(&key, &bytes).await;
+        keys.push(key);
+    }
+    let patience = h.patience();
+    let published = || pollers.iter().map(|m| m.completions_published(AGENT, via::POLL)).sum::<u64>();
+    eventually(patience, "every run polled to the end", || published() == n).await;
+    let mut runs = Vec::new();
+    for key in &keys {
+        runs.push(h.run_of(key).await);
+    }
+
+    let completions = h.completions(Duration::from_secs(3)).await;
+    assert_eq!(completions.len(), keys.len(), "one completion per run: {completions:?}");
+    for (i, (key, run_id)) in keys.iter().zip(&runs).enumerate() {
+        let matching: Vec<&Envelope> = completions.iter().filter(|e| e.subject.as_deref() == Some(run_id)).collect();
+        assert_eq!(matching.len(), 1, "run {run_id} completed once");
+        let e = matching[0];
+        assert_eq!((e.ty.as_str(), e.source.as_str()), (RUN_COMPLETED, "agentbridge/trigger-worker"));
+        assert_eq!(e.id, format!("{run_id}.completed"));
+        assert_eq!(e.idempotencykey.as_deref(), Some(key.as_str()));
+        assert_eq!(e.costcenter.as_deref(), Some("cc-support"));
+        // What the dispatcher's validation worker reads: the completion and its correlation.
+        let c: Completion = serde_json::from_value(e.data.clone()).expect("the dispatcher's Completion");
+        assert!(!c.failed(&e.ty));
+        let input =
+            json!({"ticket_id": format!("polled-{i}"), "subject": "Printer on fire", "latest_message": "It is down"});
+        assert_eq!(c.output, Some(output_for(AGENT, &input)), "the simulator's output, as polled");
+        assert!(c.usage.as_ref().is_some_and(|u| u.total_tokens > 0), "usage for metering");
+        let state: serde_json::Value =
+            serde_json::from_str(&h.store.get_run(run_id).await.expect("store").expect("run state")).expect("json");
+        let ctx = correlate(&c, e, Some(&state)).expect("correlated");
+        assert_eq!(
+            (ctx.correlated_by, ctx.agent.as_str(), ctx.idempotency_key.as_str()),
+            ("run_state", AGENT, key.as_str())
+        );
+        let by_metadata = correlate(&c, e, None).expect("correlated by the metadata alone");
+        assert_eq!((by_metadata.agent.as_str(), by_metadata.idempotency_key.as_str()), (AGENT, key.as_str()));
+        assert!(!h.store.cancel_deadline(run_id).await.expect("store"), "the deadline was cancelled");
+    }
+
+    // The dispatcher took them through the gate like callbacks: a result and `completed` each.
+    let mut sub = h.transport.subscribe("results-observer", &[results]).await.expect("subscribe results");
+    let mut result_runs: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + patience;
+    while result_runs.len() < runs.len() && tokio::time::Instant::now() < deadline {
+        if let Ok(Some(d)) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+            let d = d.expect("delivery");
+            let r = Envelope::from_slice(d.payload()).expect("result");
+            result_runs.push(r.data["run_id"].as_str().expect("run_id").to_string());
+            d.ack().await.expect("ack");
+        }
+    }
+    result_runs.sort();
+    let mut want = runs.clone();
+    want.sort();
+    assert_eq!(result_runs, want, "a validated result per run");
+    let events = h.run_events(Duration::from_secs(2)).await;
+    assert_eq!(stage_events(&events, RunStage::Completed).len(), runs.len(), "{events:?}");
+    assert!(stage_events(&events, RunStage::TimedOut).is_empty());
+
+    let stats = h.stats();
+    assert_eq!((stats.callbacks_delivered, stats.callbacks_failed), (0, 0), "no callback URL was sent");
+    assert!(keys.iter().all(|k| requests(&stats, k) == 1), "{stats:?}");
+    let pending: u64 = pollers.iter().map(|m| m.polls_count(AGENT, "pending")).sum();
+    assert!(pending >= 1, "runs were polled again while still queued");
+    assert_eq!(pollers.iter().map(|m| m.polls_count(AGENT, "final")).sum::<u64>(), n, "one final poll per run");
+    assert_eq!(watchdog_metrics.timed_out_count(AGENT), 0);
+    h.cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(30), dispatcher.stopped())
+        .await
+        .expect("dispatcher drains")
+        .expect("stopped");
+    h.stop().await;
+}
+
+/// Callback mode, callbacks lost: at the deadline the watchdog polls. The run that finished is
+/// published as a completion (not dead-lettered); the one still queued times out as before.
+pub async fn watchdog_publishes_finished_runs_and_times_out_pending_ones(backend: Backend) {
+    let mut h = Harness::new(backend, Knobs::default(), |c| {
+        c.trigger_worker.run_deadline = Duration::from_secs(3);
+        c.trigger_worker.watchdog_interval = Duration::from_millis(200);
+    })
+    .await;
+    h.spawn_replica().await;
+    let watchdog_metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
+    h.spawn_watchdog(watchdog_metrics.clone()).await;
+    let patience = h.patience();
+    // The first run finishes at once but its callback never comes.
+    h.sim.set_knobs(Knobs {
+        completion_delay: Duration::from_millis(100),
+        missing_callback_rate: 1.0,
+        ..Knobs::default()
+    });
+    let (lost, lost_bytes) = h.event("callback-lost");
+    h.publish(&lost, &lost_bytes).await;
+    eventually(patience, "the first event triggered", || h.count(outcome::TRIGGERED) == 1).await;
+    // The second never finishes.
+    h.sim.set_knobs(Knobs { completion_delay: Duration::from_secs(3600), ..Knobs::default() });
+    let (pending, pending_bytes) = h.event("still-running");
+    h.publish(&pending, &pending_bytes).await;
+    eventually(patience, "the second event triggered", || h.count(outcome::TRIGGERED) == 2).await;
+    let (lost_run, pending_run) = (h.run_of(&lost).await, h.run_of(&pending).await);
+
+    eventually(patience, "both deadlines handled", || {
+        watchdog_metrics.completions_published(AGENT, via::WATCHDOG) == 1
+            && watchdog_metrics.timed_out_count(AGENT) == 1
+    })
+    .await;
+    let completions = h.completions(Duration::from_secs(3)).await;
+    assert_eq!(completions.len(), 1, "{completions:?}");
+    assert_eq!(completions[0].subject.as_deref(), Some(lost_run.as_str()));
+    assert_eq!(completions[0].ty, RUN_COMPLETED);
+    let c: Completion = serde_json::from_value(completions[0].data.clone()).expect("Completion");
+    assert_eq!(c.status, "completed");
+    assert!(c.output.is_some());
+    let dead = h.dead_letters(Duration::from_secs(2)).await;
+    assert_eq!(dead.len(), 1, "only the run still running: {dead:?}");
+    assert_eq!(dead[0].reason, "callback_timeout");
+    assert_eq!(dead[0].headers.get("run_id"), Some(&pending_run));
+    assert_eq!(dead[0].original, pending_bytes);
+    let events = h.run_events(Duration::from_secs(2)).await;
+    let timed_out = stage_events(&events, RunStage::TimedOut);
+    assert_eq!(timed_out.len(), 1, "{events:?}");
+    assert_eq!(timed_out[0].run_id.as_deref(), Some(pending_run.as_str()));
+    assert_eq!(watchdog_metrics.polls_count(AGENT, "final"), 1);
+    assert_eq!(watchdog_metrics.polls_count(AGENT, "pending"), 1);
+    h.stop().await;
+}
+
+/// (Idempotency-Key header, body) of each call a fake platform saw.
+type SeenCalls = Arc<Mutex<Vec<(Option<String>, serde_json::Value)>>>;
+
+/// A local stand-in for an OpenAI-compatible Responses API that answers every blocking call
+/// with the finished response.
+async fn responses_fake() -> (String, SeenCalls) {
+    use axum::http::HeaderMap;
+    use axum::routing::post;
+    let seen: SeenCalls = Arc::default();
+    let sink = seen.clone();
+    let app = axum::Router::new().route(
+        "/v1/responses",
+        post(move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+            let sink = sink.clone();
+            async move {
+                let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+                let n = {
+                    let mut seen = sink.lock().expect("lock");
+                    seen.push((key, body.clone()));
+                    seen.len()
+                };
+                // The structured output the strict format asks for, derived from the input.
+                let input: serde_json::Value =
+                    serde_json::from_str(body["input"][0]["content"].as_str().unwrap_or("{}")).unwrap_or_default();
+                let output = output_for(AGENT, &input);
+                axum::Json(json!({
+                    "id": format!("resp_{n}_{}", uuid::Uuid::new_v4().simple()),
+                    "object": "response",
+                    "status": if body["background"] == false { "completed" } else { "queued" },
+                    "model": "gpt-test",
+                    "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": output.to_string()}]}],
+                    "usage": {"input_tokens": 20, "output_tokens": 30, "total_tokens": 50},
+                    "metadata": body["metadata"],
+                }))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+    (format!("http://{addr}/v1"), seen)
+}
+
+/// `responses` in sync mode: the blocking call's answer is published as the completion before
+/// the event is acknowledged; no poll is scheduled and the deadline is cancelled.
+pub async fn sync_mode_publishes_the_answer_as_the_completion(backend: Backend) {
+    let (base_url, seen) = responses_fake().await;
+    let mut h = Harness::new(backend, Knobs::default(), |c| {
+        let run = AgentRunConfig {
+            backend: BackendKind::Responses,
+            base_url: Some(base_url),
+            model: Some("gpt-test".into()),
+            output_schema: Some(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support-triage/output.schema.json"),
+            ),
+            completion: CompletionConfig { mode: CompletionMode::Sync, ..CompletionConfig::default() },
+            // A blocking call must still end within the claim's lease.
+            request_timeout: Duration::from_secs(5),
+            ..AgentRunConfig::default()
+        };
+        c.agents.insert(AGENT.into(), AgentConfig { run, ..AgentConfig::default() });
+    })
+    .await;
+    h.spawn_replica().await;
+    let (a, a_bytes) = h.event("sync-a");
+    let (b, b_bytes) = h.event("sync-b");
+    h.publish(&a, &a_bytes).await;
+    h.publish(&b, &b_bytes).await;
+    h.publish(&a, &a_bytes).await;
+    let patience = h.patience();
+    eventually(patience, "all three deliveries settled", || {
+        h.count(outcome::TRIGGERED) + h.count(outcome::DUPLICATE) == 3
+    })
+    .await;
+    let published: u64 = h.replicas.iter().map(|r| r.worker.metrics().completions_published(AGENT, via::SYNC)).sum();
+    assert_eq!(published, 2);
+    {
+        let seen = seen.lock().expect("lock");
+        assert_eq!(seen.len(), 2, "one call per business event");
+        for (key, body) in seen.iter() {
+            assert!(key.as_deref() == Some(a.as_str()) || key.as_deref() == Some(b.as_str()), "{key:?}");
+            assert_eq!(body["background"], false, "a blocking call");
+            assert_eq!(body["text"]["format"]["strict"], true);
+        }
+    }
+    let completions = h.completions(Duration::from_secs(3)).await;
+    assert_eq!(completions.len(), 2, "{completions:?}");
+    for (key, n) in [(&a, "sync-a"), (&b, "sync-b")] {
+        let run_id = h.run_of(key).await;
+        let e = completions.iter().find(|e| e.subject.as_deref() == Some(run_id.as_str())).expect("its completion");
+        assert_eq!(e.ty, RUN_COMPLETED);
+        assert_eq!(e.idempotencykey.as_deref(), Some(key.as_str()));
+        let c: Completion = serde_json::from_value(e.data.clone()).expect("Completion");
+        let input = json!({"ticket_id": n, "subject": "Printer on fire", "latest_message": "It is down"});
+        assert_eq!(c.output, Some(output_for(AGENT, &input)));
+        assert_eq!(c.usage.as_ref().map(|u| u.total_tokens), Some(50));
+        assert_eq!(c.usage.as_ref().and_then(|u| u.extra.get("model")).and_then(|m| m.as_str()), Some("gpt-test"));
+        let state: serde_json::Value =
+            serde_json::from_str(&h.store.get_run(&run_id).await.expect("store").expect("run state")).expect("json");
+        assert_eq!(correlate(&c, e, Some(&state)).map(|ctx| ctx.agent), Some(AGENT.to_string()));
+        assert!(!h.store.cancel_poll(&run_id).await.expect("store"), "nothing left to poll");
+        assert!(!h.store.cancel_deadline(&run_id).await.expect("store"), "the deadline was cancelled");
+    }
     h.stop().await;
 }
 
@@ -511,6 +839,16 @@ impl agentbridge_store::Store for SwitchableStore {
     async fn release(&self, key: &str, token: &str) -> Result<bool, StoreError> {
         self.check()?;
         self.inner.release(key, token).await
+    }
+    async fn reopen(
+        &self,
+        key: &str,
+        value: &str,
+        max_reruns: u32,
+        ttl: Duration,
+    ) -> Result<agentbridge_store::Reopen, StoreError> {
+        self.check()?;
+        self.inner.reopen(key, value, max_reruns, ttl).await
     }
     async fn rate_limit(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError> {
         self.check()?;
@@ -559,6 +897,18 @@ impl agentbridge_store::Store for SwitchableStore {
     async fn take_due(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
         self.check()?;
         self.inner.take_due(now_unix_ms, limit).await
+    }
+    async fn schedule_poll(&self, run_id: &str, at_unix_ms: i64) -> Result<(), StoreError> {
+        self.check()?;
+        self.inner.schedule_poll(run_id, at_unix_ms).await
+    }
+    async fn cancel_poll(&self, run_id: &str) -> Result<bool, StoreError> {
+        self.check()?;
+        self.inner.cancel_poll(run_id).await
+    }
+    async fn take_due_polls(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.check()?;
+        self.inner.take_due_polls(now_unix_ms, limit).await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         self.check()?;
@@ -628,6 +978,18 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn overdue_run_is_dead_lettered_as_callback_timeout() {
                 super::overdue_run_is_dead_lettered_as_callback_timeout(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn poll_mode_publishes_each_completion_once() {
+                super::poll_mode_publishes_each_completion_once(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn watchdog_publishes_finished_runs_and_times_out_pending_ones() {
+                super::watchdog_publishes_finished_runs_and_times_out_pending_ones(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sync_mode_publishes_the_answer_as_the_completion() {
+                super::sync_mode_publishes_the_answer_as_the_completion(Backend::$backend).await
             }
         }
     };

@@ -7,7 +7,8 @@
 //!   then a broker-confirmed publish to `completions` before the 200.
 //! - [`gate`]: the output-validation gate (error contract, JSON Schema, business rules, risk
 //!   policy), shared by the worker and the `agentbridge validate` CLI.
-//! - [`worker`]: the validation worker consuming `completions`: correlate, gate, publish.
+//! - [`worker`]: the validation worker consuming `completions`: correlate, gate, publish, and
+//!   send transiently failed runs back to the trigger-worker for a bounded re-run.
 //! - [`writeback`]: the write-back connectors (Zendesk, ServiceNow, Coupa, signed webhook)
 //!   behind one trait, with an at-most-once mark per run.
 //! - [`service`]: wires endpoint, worker and ops routes (`run_until_stopped`).

@@ -22,6 +22,7 @@ pub struct Metrics {
     callback_duration: HistogramVec,
     completions: IntCounterVec,
     dead_letters: IntCounterVec,
+    reruns: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,8 +60,16 @@ impl Metrics {
         registry.register(Box::new(callbacks.clone()))?;
         registry.register(Box::new(callback_duration.clone()))?;
         registry.register(Box::new(completions.clone()))?;
+        let reruns = IntCounterVec::new(
+            Opts::new(
+                "agentbridge_callback_dispatcher_reruns_total",
+                "Transiently failed runs sent back for a re-run (scheduled) or past the bound (exhausted)",
+            ),
+            &["agent", "outcome"],
+        )?;
         registry.register(Box::new(dead_letters.clone()))?;
-        Ok(Self { registry, callbacks, callback_duration, completions, dead_letters })
+        registry.register(Box::new(reruns.clone()))?;
+        Ok(Self { registry, callbacks, callback_duration, completions, dead_letters, reruns })
     }
 
     pub fn callback(&self, outcome: &str, reason: &str, seconds: f64) {
@@ -74,6 +83,16 @@ impl Metrics {
 
     pub fn dead_letter(&self, stage: &str, reason: &str) {
         self.dead_letters.with_label_values(&[stage, reason]).inc();
+    }
+
+    /// `outcome`: `scheduled` or `exhausted`.
+    pub fn rerun(&self, agent: &str, outcome: &str) {
+        self.reruns.with_label_values(&[agent, outcome]).inc();
+    }
+
+    /// The current value of `reruns_total{agent, outcome}` (tests).
+    pub fn reruns_count(&self, agent: &str, outcome: &str) -> u64 {
+        self.reruns.with_label_values(&[agent, outcome]).get()
     }
 
     /// The current value of `callbacks_total{outcome, reason}` (tests, CLI).

@@ -164,18 +164,9 @@ async fn handle(
     answer(StatusCode::OK, "accepted")
 }
 
-/// The `completions` CloudEvent of one finished run (see [`agentbridge_contracts::completion`]).
+/// The `completions` CloudEvent of one finished run (see [`agentbridge_contracts::completion`]):
+/// built by the shared contract, so the trigger-worker's polled and synchronous completions
+/// take the same shape.
 pub fn completion_event(event_type: &str, webhook_id: Option<&str>, completion: &Completion, data: Value) -> Envelope {
-    let id = webhook_id.map_or_else(|| format!("{}.{}", completion.id, completion.status), str::to_string);
-    let mut e = Envelope::new(id, format!("agentbridge/{SERVICE}"), event_type, data);
-    e.time = Some(chrono::Utc::now());
-    e.subject = Some(completion.id.clone());
-    let meta = completion.metadata.as_ref();
-    let text = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_string);
-    e.idempotencykey = text("idempotency_key");
-    e.businessprocess = text("business_process");
-    e.costcenter = text("cost_center");
-    e.environment = text("environment");
-    e.sourceeventid = text("source_event_id");
-    e
+    agentbridge_contracts::completion_event(&format!("agentbridge/{SERVICE}"), event_type, webhook_id, completion, data)
 }

@@ -11,12 +11,13 @@
 //!    a duplicate, so a duplicate completion publishes nothing twice;
 //! 4. `cancel_deadline(run id)`, so the trigger-worker's watchdog does not time the run out;
 //! 5. `usage` (when the platform reported usage), then by outcome:
-//!    - failed run → `dlq.validate` with `run_failed_transient` or `run_failed` (see below);
+//!    - failed run → a bounded re-run when the failure is transient (below), else
+//!      `dlq.validate` with `run_failed`;
 //!    - gate [`Decision::Allow`] → `results.<business_process>`;
 //!    - [`Decision::Review`] → `review` with the reasons;
 //!    - [`Decision::Reject`] → `dlq.validate` with the gate's reason (`input_invalid` also
 //!      raises an alert on `alerts`);
-//!    - [`Decision::Rerun`] (`tool_unavailable`) → `dlq.validate`, `tool_unavailable`;
+//!    - [`Decision::Rerun`] (`tool_unavailable`) → a bounded re-run (below);
 //!
 //!    and `runs` lifecycle events: `completed` for every successful run, then the step
 //!    (`validated`, `written_back`, `review`, `dead_lettered` or `failed`).
@@ -27,28 +28,44 @@
 //! see the same deterministic event ids (`<run id>.result` ...) again and dedup on them.
 //! Store failures fail closed: the completion is not acknowledged and is retried later.
 //!
-//! Why failed runs are dead-lettered rather than re-run automatically: the trigger-worker has
-//! committed its dedup claim (`trigger:<idempotency key>`) for its dedup TTL, and the store
-//! offers no way for another service to clear a committed claim; even if it did, a re-trigger
-//! carries the same `Idempotency-Key` and the platform answers with the same failed run. A
-//! safe re-run therefore needs an operator (or a future trigger-worker "retry run" contract
-//! with a new attempt suffix); the dead letter names the run and the reason.
+//! Bounded re-runs (`dispatcher.rerun`): a run that failed transiently (`rate_limited`,
+//! `timeout`, `server_error` ...) or whose agent reported `tool_unavailable` goes back to the
+//! trigger-worker:
+//! 1. the completion waits out `rerun.delay` in this group's own delay path (`retry_later`;
+//!    the due time is kept in the store as `rerun-due:<run id>`, so a duplicate completion waits
+//!    for the same moment), having published nothing yet;
+//! 2. [`Store::reopen`] clears the trigger-worker's committed claim `trigger:<key>` only if it
+//!    still records this run id, and counts the re-run (at most `rerun.max_reruns`); a repeated
+//!    call for the same run (a crash after it) gives the same re-run number back;
+//! 3. the normalized event from the run state is re-published to `normalized` with the
+//!    extension `rerun: <n>` (id `<event id>.rerun-<n>`); the trigger-worker claims the same
+//!    dedup key and sends `Idempotency-Key: <key>.rerun-<n>`, so the platform starts a fresh
+//!    run; a duplicate re-run event finds the claim taken and is dropped;
+//! 4. `runs` `failed` with reason `rerun_scheduled`, then the ack.
+//!
+//! Past the bound the run is dead-lettered as `attempts_exhausted`. Without run state (so
+//! without the original event), or when the claim no longer records the run, it is
+//! dead-lettered as before (`run_failed_transient` / `tool_unavailable`), the detail saying why
+//! it was not re-run; also when re-runs are off (`max_reruns: 0`) and for `cancelled` runs
+//! (someone decided to stop them).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use agentbridge_config::dispatcher::RerunConfig;
 use agentbridge_config::Config;
 use agentbridge_contracts::{
-    Completion, Envelope, RunEvent, RunStage, Stage, Topics, UsageRecord, RUN_EVENT_TYPE, USAGE_EVENT_TYPE,
+    run_event_id, trigger_claim_key, Completion, Envelope, RunEvent, RunStage, Stage, Topics, UsageRecord,
+    RUN_EVENT_TYPE, USAGE_EVENT_TYPE,
 };
 use agentbridge_runtime::backoff::Backoff;
-use agentbridge_store::{Claim, Store};
+use agentbridge_store::{Claim, Reopen, Store, StoreError};
 use agentbridge_transport::{Delivery, Message, Subscription, Transport, TransportError, DLQ_GROUP};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::gate::{AgentGate, Decision, Verdict};
 use crate::metrics::Metrics;
@@ -68,6 +85,16 @@ const DISPATCH_LEASE: Duration = Duration::from_secs(60);
 const DISPATCH_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Shortest wait before a completion is looked at again after an infrastructure failure.
 const MIN_RETRY: Duration = Duration::from_millis(100);
+/// A callback can beat the trigger-worker's `put_run`: a fast platform calls back before the
+/// worker has recorded the run state it got the run id for. Without the state the run could
+/// only be correlated by its echoed metadata, which lacks the input business rules read and
+/// the write-back target, so a completion without state is handed back this many times, this
+/// far apart (about a second in all), before the metadata is used.
+const RUN_STATE_WAITS: u32 = 4;
+const RUN_STATE_WAIT: Duration = Duration::from_millis(250);
+/// Transient error codes that are dead-lettered rather than re-run: a cancelled run was
+/// stopped on purpose, and re-running it would overrule whoever stopped it.
+const NOT_RERUN: [&str; 1] = ["cancelled"];
 /// Error codes of failed runs that a later re-run may fix.
 const TRANSIENT_RUN_ERRORS: [&str; 8] = [
     "rate_limited",
@@ -89,6 +116,12 @@ pub mod reason {
     pub const OUTPUT_MISSING: &str = "output_missing";
     pub const RUN_FAILED: &str = "run_failed";
     pub const RUN_FAILED_TRANSIENT: &str = "run_failed_transient";
+    /// The agent reported a tool outage (error contract), and the run was not re-run.
+    pub const TOOL_UNAVAILABLE: &str = "tool_unavailable";
+    /// A transiently failed run whose re-runs (`dispatcher.rerun.max_reruns`) all failed too.
+    pub const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
+    /// Not a dead letter: the `runs` `failed` event of a run that was sent back for a re-run.
+    pub const RERUN_SCHEDULED: &str = "rerun_scheduled";
 }
 
 /// What the worker knows about the run a completion belongs to.
@@ -111,6 +144,21 @@ pub struct RunContext {
     pub triggered_at: Option<DateTime<Utc>>,
     /// `run_state` or `metadata`.
     pub correlated_by: &'static str,
+    /// Which automatic re-run of the business event this run is (0: the first run).
+    pub rerun: u32,
+    /// The normalized event the run was triggered from (run state only): what a re-run
+    /// re-publishes.
+    pub event: Option<String>,
+}
+
+/// A re-run number from run state or echoed metadata (a number, or a string on platforms whose
+/// metadata values are strings).
+fn rerun_of(v: &Value) -> u32 {
+    match v.get("rerun") {
+        Some(Value::Number(n)) => n.as_u64().and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+        Some(Value::String(s)) => s.parse().unwrap_or(0),
+        _ => 0,
+    }
 }
 
 fn text(v: &Value, k: &str) -> Option<String> {
@@ -139,6 +187,8 @@ pub fn correlate(c: &Completion, envelope: &Envelope, state: Option<&Value>) -> 
                 .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
                 .map(|t| t.with_timezone(&Utc)),
             correlated_by: "run_state",
+            rerun: rerun_of(s),
+            event: text(s, "event"),
         });
     }
     let m = c.metadata.clone().unwrap_or(Value::Null);
@@ -162,6 +212,8 @@ pub fn correlate(c: &Completion, envelope: &Envelope, state: Option<&Value>) -> 
         input: Value::Null,
         triggered_at: None,
         correlated_by: "metadata",
+        rerun: rerun_of(&m),
+        event: None,
     })
 }
 
@@ -184,6 +236,13 @@ pub struct Worker {
     /// Cancelled when the worker stops: write-back retries stop waiting and the completion is
     /// handed back for later instead of holding up the drain.
     shutdown: CancellationToken,
+    /// Bounded re-runs of transiently failed runs.
+    rerun: RerunConfig,
+    /// The trigger-worker's consumer group on `normalized`, declared at startup when re-runs are
+    /// on (RabbitMQ drops what is published to a topic no queue is bound to).
+    trigger_group: String,
+    /// How long the trigger-worker keeps its dedup claims: the re-run count lives as long.
+    dedup_ttl: Duration,
 }
 
 impl Worker {
@@ -213,6 +272,9 @@ impl Worker {
                 max_attempts: d.writeback_attempts,
             },
             shutdown: CancellationToken::new(),
+            rerun: d.rerun,
+            trigger_group: config.trigger_worker.group.clone(),
+            dedup_ttl: config.trigger_worker.dedup_ttl,
         }
     }
 
@@ -231,7 +293,13 @@ impl Worker {
                 t.dlq(Stage::Writeback.as_str()),
             ])
             .await?;
-        self.transport.declare_group(DLQ_GROUP, &[dlq, t.dlq(Stage::Writeback.as_str())]).await
+        self.transport.declare_group(DLQ_GROUP, &[dlq, t.dlq(Stage::Writeback.as_str())]).await?;
+        if self.rerun.max_reruns > 0 {
+            // Re-runs go back to the trigger-worker: its queue must exist before the first one.
+            self.transport.ensure_topics(&[t.normalized()]).await?;
+            self.transport.declare_group(&self.trigger_group, &[t.normalized()]).await?;
+        }
+        Ok(())
     }
 
     /// Joins the consumer group on `completions`. Separate from [`Worker::run`] so the service
@@ -282,6 +350,13 @@ impl Worker {
             Ok(s) => s.and_then(|s| serde_json::from_str::<Value>(&s).ok()),
             Err(e) => return self.infra_retry(delivery, "read run state", &e.to_string()).await,
         };
+        if state.is_none() && delivery.attempt() <= RUN_STATE_WAITS {
+            debug!(run_id = %completion.id, attempt = delivery.attempt(), "no run state yet; completion handed back");
+            if let Err(e) = delivery.retry_later(RUN_STATE_WAIT).await {
+                warn!(error = %e, "retry_later failed; the completion will be redelivered");
+            }
+            return;
+        }
         let Some(ctx) = correlate(&completion, &envelope, state.as_ref()) else {
             let detail =
                 format!("run {} has no run state and its metadata names no idempotency key or agent", completion.id);
@@ -343,11 +418,41 @@ impl Worker {
             return Err(());
         }
         let agent = self.agent_label(&ctx.agent).to_string();
+        let failed = c.failed(&e.ty);
+        let gate = self.gates.get(&ctx.agent);
+        // The gate is pure, so it runs before anything is published: a `tool_unavailable` run
+        // must be known as a re-run candidate before the completion waits for its re-run.
+        let verdict = match (failed, gate, c.output.as_ref()) {
+            (false, Some(g), Some(output)) => Some(g.check(output, &ctx.input)),
+            _ => None,
+        };
+        let code = c.error.as_ref().and_then(|er| er.get("code")).and_then(Value::as_str).unwrap_or(c.status.as_str());
+        let rerun_candidate = if failed {
+            TRANSIENT_RUN_ERRORS.contains(&code) && !NOT_RERUN.contains(&code)
+        } else {
+            verdict.as_ref().is_some_and(|v| v.decision == Decision::Rerun)
+        };
+        if rerun_candidate && self.rerun.max_reruns > 0 && ctx.event.is_some() && !self.rerun.delay.is_zero() {
+            match self.rerun_wait(&ctx.run_id).await {
+                Ok(None) => {}
+                Ok(Some(wait)) => {
+                    debug!(wait_ms = wait.as_millis() as u64, "failed run: waiting before its re-run");
+                    if let Err(err) = delivery.retry_later(wait).await {
+                        warn!(error = %err, "parking the completion failed; it will be redelivered");
+                    }
+                    return Err(());
+                }
+                Err(err) => {
+                    self.infra_retry(delivery, "read re-run due time", &err.to_string()).await;
+                    return Err(());
+                }
+            }
+        }
         if let Err(err) = self.publish_usage(c, ctx).await {
             self.infra_retry(delivery, "publish usage", &err.to_string()).await;
             return Err(());
         }
-        if !c.failed(&e.ty) {
+        if !failed {
             // The trigger-worker announces `triggered`; the run's end is only known here.
             if let Err(err) = self.publish_run(ctx, &run_event(ctx, RunStage::Completed, None, None)).await {
                 self.infra_retry(delivery, "publish completed event", &err.to_string()).await;
@@ -355,17 +460,32 @@ impl Worker {
             }
         }
 
-        if c.failed(&e.ty) {
-            let code =
-                c.error.as_ref().and_then(|er| er.get("code")).and_then(Value::as_str).unwrap_or(c.status.as_str());
-            let transient = TRANSIENT_RUN_ERRORS.contains(&code);
-            let why = if transient { reason::RUN_FAILED_TRANSIENT } else { reason::RUN_FAILED };
+        if failed {
             let message = c.error.as_ref().and_then(|er| er.get("message")).and_then(Value::as_str).unwrap_or("");
             let detail = format!("run {} {} ({code}): {message}", ctx.run_id, c.status);
-            return self.finish_dead_letter(delivery, ctx, RunStage::Failed, &agent, why, &detail, false).await;
+            if !TRANSIENT_RUN_ERRORS.contains(&code) {
+                return self
+                    .finish_dead_letter(delivery, ctx, RunStage::Failed, &agent, reason::RUN_FAILED, &detail, false)
+                    .await;
+            }
+            if !rerun_candidate {
+                let detail = format!("{detail}; not re-run: a `{code}` run was stopped on purpose");
+                return self
+                    .finish_dead_letter(
+                        delivery,
+                        ctx,
+                        RunStage::Failed,
+                        &agent,
+                        reason::RUN_FAILED_TRANSIENT,
+                        &detail,
+                        false,
+                    )
+                    .await;
+            }
+            return self.rerun_or_dead_letter(delivery, ctx, &agent, reason::RUN_FAILED_TRANSIENT, &detail).await;
         }
 
-        let Some(gate) = self.gates.get(&ctx.agent) else {
+        let Some(gate) = gate else {
             let detail = format!("no output schema for agent `{}` (schemas/<agent>/output.schema.json)", ctx.agent);
             return self
                 .finish_dead_letter(
@@ -393,7 +513,7 @@ impl Worker {
                 )
                 .await;
         };
-        let verdict = gate.check(output, &ctx.input);
+        let verdict = verdict.unwrap_or_else(|| gate.check(output, &ctx.input));
         let validation_ms = started.elapsed().as_secs_f64() * 1000.0;
         let timings = json!({
             "triggered_at": ctx.triggered_at,
@@ -459,9 +579,8 @@ impl Worker {
                 .await
             }
             Decision::Rerun => {
-                let detail = format!("the agent reported a tool outage: {}", verdict.detail());
-                self.finish_dead_letter(delivery, ctx, RunStage::Failed, &agent, "tool_unavailable", &detail, false)
-                    .await
+                let detail = format!("run {}: the agent reported a tool outage: {}", ctx.run_id, verdict.detail());
+                self.rerun_or_dead_letter(delivery, ctx, &agent, reason::TOOL_UNAVAILABLE, &detail).await
             }
         }
     }
@@ -578,6 +697,115 @@ impl Worker {
         }
     }
 
+    /// How long the re-run of `run_id` must still wait. The first completion to ask starts the
+    /// delay and stores its due time (`rerun-due:<run id>`), so a redelivered or duplicate
+    /// completion waits for the same moment instead of a new delay. Callers hold the run's
+    /// dispatch claim, so no two ask at once.
+    async fn rerun_wait(&self, run_id: &str) -> Result<Option<Duration>, StoreError> {
+        let flag = format!("rerun-due:{run_id}");
+        let now = Utc::now().timestamp_millis();
+        let due = match self.store.get_flag(&flag).await?.and_then(|v| v.parse::<i64>().ok()) {
+            Some(due) => due,
+            None => {
+                let due = now.saturating_add(i64::try_from(self.rerun.delay.as_millis()).unwrap_or(i64::MAX));
+                self.store.set_flag(&flag, &due.to_string(), Some(DISPATCH_TTL)).await?;
+                due
+            }
+        };
+        Ok((due > now).then(|| Duration::from_millis(u64::try_from(due - now).unwrap_or(0))))
+    }
+
+    /// A run a later run may fix (its wait, if any, is over): reopen the trigger-worker's claim
+    /// and send the normalized event back with the next `rerun` number, or dead-letter it — as
+    /// `why` when it cannot be re-run, as `attempts_exhausted` past the bound.
+    async fn rerun_or_dead_letter(
+        &self,
+        delivery: Delivery,
+        ctx: &RunContext,
+        agent: &str,
+        why: &str,
+        detail: &str,
+    ) -> Result<(), ()> {
+        let max = self.rerun.max_reruns;
+        let not_rerun = |because: &str| format!("{detail}; not re-run: {because}");
+        if max == 0 {
+            let detail = not_rerun("re-runs are off (dispatcher.rerun.max_reruns: 0)");
+            return self.finish_dead_letter(delivery, ctx, RunStage::Failed, agent, why, &detail, false).await;
+        }
+        let Some(event) = ctx.event.as_deref().and_then(|s| Envelope::from_slice(s.as_bytes()).ok()) else {
+            let detail = not_rerun("the run state, with the event to re-run, is gone");
+            return self.finish_dead_letter(delivery, ctx, RunStage::Failed, agent, why, &detail, false).await;
+        };
+        let claim = trigger_claim_key(&ctx.idempotency_key);
+        let rerun = match self.store.reopen(&claim, &ctx.run_id, max, self.dedup_ttl).await {
+            Ok(Reopen::Reopened { rerun } | Reopen::AlreadyReopened { rerun }) => rerun,
+            Ok(Reopen::Exhausted { reruns }) => {
+                self.metrics.rerun(agent, "exhausted");
+                let detail = format!(
+                    "{detail}; {} runs failed: the first and {reruns} re-run(s) (dispatcher.rerun.max_reruns: {max})",
+                    reruns + 1
+                );
+                return self
+                    .finish_dead_letter(
+                        delivery,
+                        ctx,
+                        RunStage::Failed,
+                        agent,
+                        reason::ATTEMPTS_EXHAUSTED,
+                        &detail,
+                        false,
+                    )
+                    .await;
+            }
+            Ok(Reopen::InProgress) => {
+                // The trigger-worker has not committed the run yet (a completion that overtook
+                // the commit): once it has, the claim can be reopened.
+                self.infra_retry(delivery, "wait for the trigger-worker's commit", "claim in progress").await;
+                return Err(());
+            }
+            Ok(Reopen::NotCommitted) => {
+                let detail = not_rerun("the trigger-worker's dedup claim no longer records this run");
+                return self.finish_dead_letter(delivery, ctx, RunStage::Failed, agent, why, &detail, false).await;
+            }
+            Err(err) => {
+                self.infra_retry(delivery, "reopen the dedup claim", &err.to_string()).await;
+                return Err(());
+            }
+        };
+        // Built before the publish, so its time precedes the re-run's own lifecycle events.
+        let scheduled = run_event(
+            ctx,
+            RunStage::Failed,
+            Some(reason::RERUN_SCHEDULED),
+            Some(format!("{detail}; re-run {rerun} of {max} sent to the trigger-worker")),
+        );
+        let base_id = match event.rerun {
+            Some(n) if n > 0 => event.id.strip_suffix(&format!(".rerun-{n}")).unwrap_or(&event.id).to_string(),
+            _ => event.id.clone(),
+        };
+        let mut again = event;
+        again.id = format!("{base_id}.rerun-{rerun}");
+        again.rerun = Some(rerun);
+        let message = Message::new(Some(ctx.idempotency_key.clone()), again.to_vec());
+        if let Err(err) = self.transport.publish(&self.topics.normalized(), message).await {
+            // The claim stays reopened; the redelivered completion gets the same re-run number.
+            self.infra_retry(delivery, "publish the re-run", &err.to_string()).await;
+            return Err(());
+        }
+        if let Err(err) = self.publish_run(ctx, &scheduled).await {
+            self.infra_retry(delivery, "publish lifecycle event", &err.to_string()).await;
+            return Err(());
+        }
+        info!(rerun, max, reason = why, "failed run sent back to the trigger-worker for a re-run");
+        self.metrics.rerun(agent, "scheduled");
+        self.metrics.completion(agent, "rerun");
+        if let Err(err) = delivery.ack().await {
+            // The re-run is published; a redelivery is caught by the dispatch mark.
+            warn!(error = %err, "ack completion");
+        }
+        Ok(())
+    }
+
     async fn publish_usage(&self, c: &Completion, ctx: &RunContext) -> Result<(), TransportError> {
         let Some(u) = &c.usage else { return Ok(()) };
         let completed_at = c
@@ -622,9 +850,10 @@ impl Worker {
 
     async fn publish_run(&self, ctx: &RunContext, ev: &RunEvent) -> Result<(), TransportError> {
         let data = serde_json::to_value(ev).unwrap_or(Value::Null);
-        // Deterministic ids, like the trigger-worker's: a repeated step has the same id.
+        // Deterministic ids, like the trigger-worker's: a repeated step has the same id, each
+        // re-run's steps are new events.
         let mut e = Envelope::new(
-            format!("{}.{}", ctx.idempotency_key, ev.stage.as_str()),
+            run_event_id(&ctx.idempotency_key, ctx.rerun, ev.stage),
             format!("agentbridge/{SERVICE}"),
             RUN_EVENT_TYPE,
             data,
@@ -808,6 +1037,15 @@ mod tests {
         assert_eq!(ctx.input["ticket_id"], "35436");
         assert_eq!(ctx.writeback_target.as_deref(), Some("zendesk"));
         assert!(ctx.triggered_at.is_some());
+        assert_eq!((ctx.rerun, ctx.event.as_deref()), (0, None), "a first run; this state has no event");
+        let mut rerun = state.clone();
+        rerun["rerun"] = json!(2);
+        rerun["event"] = json!("{\"id\":\"e\"}");
+        let ctx = correlate(&completion(json!({})), &env, Some(&rerun)).expect("ctx");
+        assert_eq!((ctx.rerun, ctx.event.as_deref()), (2, Some("{\"id\":\"e\"}")));
+        // Echoed metadata names the re-run too, as a number or (Responses API) a string.
+        let ctx = correlate(&completion(json!({"idempotency_key": "k", "rerun": "1"})), &env, None).expect("ctx");
+        assert_eq!((ctx.rerun, ctx.event), (1, None));
 
         let meta =
             json!({"idempotency_key": "k2", "business_process": "p", "source": "zendesk", "source_entity_id": "9"});

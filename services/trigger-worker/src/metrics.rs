@@ -26,6 +26,17 @@ pub mod outcome {
     pub const INFRA_ERROR: &str = "infra_error";
 }
 
+/// How a completion the worker published itself was found (the `via` label of
+/// `completions_published_total`).
+pub mod via {
+    /// The poller found the run final (`completion.mode: poll`).
+    pub const POLL: &str = "poll";
+    /// The synchronous trigger call answered with the finished run (`completion.mode: sync`).
+    pub const SYNC: &str = "sync";
+    /// The watchdog's poll at the run's deadline found it final.
+    pub const WATCHDOG: &str = "watchdog";
+}
+
 /// The service's metrics, registered in their own registry (served on `/metrics`).
 #[derive(Clone)]
 pub struct Metrics {
@@ -36,6 +47,8 @@ pub struct Metrics {
     trigger_duration: HistogramVec,
     in_flight: IntGauge,
     timed_out: IntCounterVec,
+    polls: IntCounterVec,
+    completions: IntCounterVec,
 }
 
 impl Metrics {
@@ -68,6 +81,20 @@ impl Metrics {
             Opts::new("agentbridge_trigger_worker_timed_out_runs_total", "Runs the watchdog found past their deadline"),
             &["agent"],
         )?;
+        let polls = IntCounterVec::new(
+            Opts::new(
+                "agentbridge_trigger_worker_polls_total",
+                "Run retrievals by the poller and the watchdog, by result (final, pending, error)",
+            ),
+            &["agent", "result"],
+        )?;
+        let completions = IntCounterVec::new(
+            Opts::new(
+                "agentbridge_trigger_worker_completions_published_total",
+                "Completions the worker published to `completions` itself, by how the run was found",
+            ),
+            &["agent", "via"],
+        )?;
         let in_flight = IntGauge::new("agentbridge_trigger_worker_in_flight_events", "Events being handled right now")?;
         registry.register(Box::new(events.clone()))?;
         registry.register(Box::new(duplicates.clone()))?;
@@ -75,7 +102,37 @@ impl Metrics {
         registry.register(Box::new(trigger_duration.clone()))?;
         registry.register(Box::new(in_flight.clone()))?;
         registry.register(Box::new(timed_out.clone()))?;
-        Ok(Self { registry, events, duplicates, dead_letters, trigger_duration, in_flight, timed_out })
+        registry.register(Box::new(polls.clone()))?;
+        registry.register(Box::new(completions.clone()))?;
+        Ok(Self {
+            registry,
+            events,
+            duplicates,
+            dead_letters,
+            trigger_duration,
+            in_flight,
+            timed_out,
+            polls,
+            completions,
+        })
+    }
+
+    /// One retrieval of a run; `result` is `final`, `pending` or `error`.
+    pub fn poll(&self, agent: &str, result: &str) {
+        self.polls.with_label_values(&[agent, result]).inc();
+    }
+
+    pub fn polls_count(&self, agent: &str, result: &str) -> u64 {
+        self.polls.with_label_values(&[agent, result]).get()
+    }
+
+    /// A completion published by the worker itself; `via` is one of [`via`].
+    pub fn completion_published(&self, agent: &str, via: &str) {
+        self.completions.with_label_values(&[agent, via]).inc();
+    }
+
+    pub fn completions_published(&self, agent: &str, via: &str) -> u64 {
+        self.completions.with_label_values(&[agent, via]).get()
     }
 
     pub fn event(&self, agent: &str, outcome: &str) {

@@ -1,9 +1,15 @@
-//! The OpenAI-compatible Responses API backend, in background mode: `POST <base>/responses`
-//! with the agent input as the user message and the agent's output schema as a strict
-//! structured-output format (`text.format` = `json_schema`, `strict: true`), `background: true`
-//! so the call returns at once with a response id (the run id); `GET <base>/responses/{id}`
-//! polls. The completion reaches the callback-dispatcher through the platform's webhook
-//! (`response.completed`), which carries the response id the worker recorded with `put_run`.
+//! The OpenAI-compatible Responses API backend: `POST <base>/responses` with the agent input as
+//! the user message and the agent's output schema as a strict structured-output format
+//! (`text.format` = `json_schema`, `strict: true`); `GET <base>/responses/{id}` polls.
+//!
+//! Two ways to run, by `completion.mode`:
+//! - `poll` (and `callback`): `background: true`, so the call returns at once with a response
+//!   id (the run id); the worker polls it until it is final. (The platform's
+//!   `response.completed` webhook carries only the id, not the output, so the dispatcher does
+//!   not take it as a completion; with `callback` the run is found by the watchdog's poll at
+//!   its deadline.)
+//! - `sync`: `background: false`, the call blocks until the response is final and its answer
+//!   is the finished run ([`TriggerAccepted::run`]), published as the completion at once.
 //!
 //! The business metadata rides in the response's `metadata` (string values, at most 16 keys of
 //! up to 512 characters), so a retrieved response can be correlated without the run state.
@@ -12,7 +18,7 @@
 
 use std::path::Path;
 
-use agentbridge_config::{AgentRunConfig, Secret};
+use agentbridge_config::{AgentRunConfig, CompletionMode, Secret};
 use async_trait::async_trait;
 use serde_json::{json, Map, Value};
 
@@ -32,6 +38,8 @@ pub struct ResponsesBackend {
     instructions: Option<String>,
     /// The `text.format` object: the agent's output schema, strict.
     format: Value,
+    /// `completion.mode: sync`: one blocking call instead of a background response.
+    sync: bool,
 }
 
 impl ResponsesBackend {
@@ -54,6 +62,7 @@ impl ResponsesBackend {
             model,
             instructions: run.instructions.clone(),
             format: json!({"type": "json_schema", "name": name, "schema": schema, "strict": true}),
+            sync: run.completion.mode == CompletionMode::Sync,
         })
     }
 
@@ -83,12 +92,16 @@ impl ResponsesBackend {
                 metadata.insert(k.into(), Value::String(v.chars().take(METADATA_VALUE_MAX).collect()));
             }
         }
+        if m.rerun > 0 {
+            metadata.insert("rerun".into(), Value::String(m.rerun.to_string()));
+        }
         let mut body = json!({
             "model": self.model,
             "input": [{"role": "user", "content": request.input.to_string()}],
             "text": {"format": self.format},
-            "background": true,
-            // Background responses must be stored so they can be retrieved and reported.
+            "background": !self.sync,
+            // Stored so they can be retrieved: polled in background mode, and in sync mode by
+            // the watchdog should the completion not make it to the broker.
             "store": true,
             "metadata": metadata,
         });
@@ -126,8 +139,11 @@ impl AgentBackend for ResponsesBackend {
                 retry_after: None,
             });
         };
-        let run_status = v.get("status").and_then(Value::as_str).unwrap_or("queued");
-        Ok(TriggerAccepted { run_id: id.to_string(), status: map_status(run_status).to_string() })
+        let run = run_status(id, &v);
+        // A final answer is the finished run (sync mode, or a background response that was
+        // quicker than the call); anything else is polled for.
+        let finished = run.is_final().then(|| run.clone());
+        Ok(TriggerAccepted { run_id: id.to_string(), status: run.status, run: finished })
     }
 
     async fn poll(&self, run_id: &str) -> Result<RunStatus, BackendError> {
@@ -198,12 +214,26 @@ fn run_status(run_id: &str, v: &Value) -> RunStatus {
         .filter(|e| !e.is_null())
         .cloned()
         .or_else(|| v.get("incomplete_details").filter(|e| !e.is_null()).cloned());
+    // The model is reported inside usage, as the workspace platform does, so metering can
+    // price the run.
+    let mut usage = v.get("usage").filter(|u| !u.is_null()).cloned();
+    if let (Some(Value::Object(u)), Some(model)) = (usage.as_mut(), v.get("model").and_then(Value::as_str)) {
+        u.entry("model").or_insert_with(|| json!(model));
+    }
+    let completed_at = v
+        .get("completed_at")
+        .and_then(Value::as_i64)
+        .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+        .map(|t| t.to_rfc3339());
     RunStatus {
         id: v.get("id").and_then(Value::as_str).unwrap_or(run_id).to_string(),
         status,
         output,
-        usage: v.get("usage").filter(|u| !u.is_null()).cloned(),
+        usage,
         error,
+        agent_id: None,
+        completed_at,
+        metadata: v.get("metadata").filter(|m| m.is_object()).cloned(),
     }
 }
 
@@ -235,14 +265,25 @@ mod tests {
     }
 
     fn backend(base_url: &str) -> ResponsesBackend {
+        backend_in(base_url, CompletionMode::Poll)
+    }
+
+    fn backend_in(base_url: &str, mode: CompletionMode) -> ResponsesBackend {
         let dir = std::env::temp_dir().join(format!("ab-responses-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).expect("dir");
         let schema = dir.join("output.schema.json");
         let doc = r#"{"type":"object","properties":{"severity":{"type":"string"}},"required":["severity"],"additionalProperties":false}"#;
         std::fs::write(&schema, doc).expect("write schema");
-        let run =
-            AgentRunConfig { model: Some("gpt-test".into()), output_schema: Some(schema), ..AgentRunConfig::default() };
-        ResponsesBackend::new(base_url, "support-triage", &run).expect("backend")
+        let run = AgentRunConfig {
+            model: Some("gpt-test".into()),
+            output_schema: Some(schema),
+            completion: agentbridge_config::CompletionConfig { mode, ..Default::default() },
+            ..AgentRunConfig::default()
+        };
+        let backend = ResponsesBackend::new(base_url, "support-triage", &run).expect("backend");
+        // The schema is read once, at construction: the directory is not needed any more.
+        let _ = std::fs::remove_dir_all(&dir);
+        backend
     }
 
     #[test]
@@ -311,7 +352,7 @@ mod tests {
 
         let b = backend(&format!("http://{addr}/v1"));
         let accepted = b.trigger(&request()).await.expect("trigger");
-        assert_eq!(accepted, TriggerAccepted { run_id: "resp_1".into(), status: "queued".into() });
+        assert_eq!(accepted, TriggerAccepted { run_id: "resp_1".into(), status: "queued".into(), run: None });
         let (key, body) = seen.lock().expect("lock")[0].clone();
         assert_eq!(key.as_deref(), Some("idem-42"));
         assert_eq!(body["text"]["format"]["strict"], true);
@@ -325,5 +366,44 @@ mod tests {
         assert_eq!(refused.status(), Some(400));
         assert!(!refused.retryable());
         assert!(refused.to_string().contains("bad schema"));
+    }
+
+    #[tokio::test]
+    async fn sync_mode_blocks_and_its_answer_is_the_finished_run() {
+        let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+        let sink = seen.clone();
+        let app = Router::new().route(
+            "/v1/responses",
+            post(move |Json(body): Json<Value>| {
+                let sink = sink.clone();
+                async move {
+                    sink.lock().expect("lock").push(body);
+                    Json(json!({
+                        "id": "resp_sync", "object": "response", "status": "completed", "model": "gpt-test-2026",
+                        "completed_at": 1_767_225_600,
+                        "output": [{"type": "message", "content": [{"type": "output_text", "text": "{\"severity\":\"low\"}"}]}],
+                        "usage": {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10},
+                        "metadata": {"idempotency_key": "idem-42"}
+                    }))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
+
+        let b = backend_in(&format!("http://{addr}/v1"), CompletionMode::Sync);
+        assert_eq!(b.body(&request())["background"], false, "one blocking call");
+        let accepted = b.trigger(&request()).await.expect("trigger");
+        assert_eq!(seen.lock().expect("lock")[0]["background"], false);
+        assert_eq!((accepted.run_id.as_str(), accepted.status.as_str()), ("resp_sync", "completed"));
+        let run = accepted.run.expect("the finished run is in the answer");
+        assert_eq!(run.output, Some(json!({"severity": "low"})));
+        assert_eq!(
+            run.usage.as_ref().map(|u| (u["total_tokens"].as_u64(), u["model"].as_str())),
+            Some((Some(10), Some("gpt-test-2026")))
+        );
+        assert_eq!(run.completed_at.as_deref(), Some("2026-01-01T00:00:00+00:00"));
+        assert_eq!(run.metadata, Some(json!({"idempotency_key": "idem-42"})));
     }
 }

@@ -1,6 +1,6 @@
 //! Wiring for the `agentbridge-trigger-worker` binary (and the all-in-one mode): connect the
-//! transport and store, prepare topics, serve `/metrics` `/healthz` `/readyz`, consume until
-//! the cancellation token fires, drain.
+//! transport and store, prepare topics, serve `/metrics` `/healthz` `/readyz`, run the
+//! watchdog and the completion poller, consume until the cancellation token fires, drain.
 
 use std::sync::Arc;
 
@@ -8,8 +8,10 @@ use agentbridge_config::Config;
 use agentbridge_runtime::ops::{self, Readiness};
 use agentbridge_runtime::CancellationToken;
 
+use crate::backend::build_backends;
 use crate::error::StartError;
 use crate::metrics::Metrics;
+use crate::poller::Poller;
 use crate::watchdog::Watchdog;
 use crate::worker::Worker;
 
@@ -45,13 +47,21 @@ pub async fn run_with(
         ops::serve(config.trigger_worker.listen, ops::router(metrics.registry.clone(), readiness), cancel.clone())
             .await?;
     tracing::info!(%addr, "ops server listening");
-    let watchdog = Watchdog::new(&config, transport.clone(), store.clone(), metrics.clone());
+    let backends = build_backends(&config)?;
+    let watchdog = Watchdog::new(&config, transport.clone(), store.clone(), metrics.clone(), backends.clone());
     let watchdog = tokio::spawn(watchdog.run(cancel.child_token()));
+    // Always running: besides poll-mode agents, it takes over synchronous runs whose
+    // completion could not be published at once.
+    let poller = Arc::new(Poller::new(&config, transport.clone(), store.clone(), metrics.clone(), backends));
+    let poller = tokio::spawn(poller.run(cancel.child_token()));
     let result = worker.run(cancel.clone()).await;
-    // The worker also returns when its subscription closes: stop the watchdog with it.
+    // The worker also returns when its subscription closes: stop the watchdog and poller with it.
     cancel.cancel();
     if let Err(e) = watchdog.await {
         tracing::warn!(error = %e, "watchdog task ended abnormally");
+    }
+    if let Err(e) = poller.await {
+        tracing::warn!(error = %e, "poller task ended abnormally");
     }
     result?;
     Ok(())

@@ -1,10 +1,15 @@
-//! The run watchdog: finds triggered runs that never completed and gives up on them visibly.
+//! The run watchdog: finds triggered runs that never completed, polls them once, and gives up
+//! on the ones still not final visibly.
 //!
 //! Every trigger schedules a deadline (`trigger_worker.run_deadline`) in the store's sorted
 //! set; whoever records the completion cancels it. Every replica sweeps every
 //! `trigger_worker.watchdog_interval`; `take_due` hands each overdue run to exactly one of them.
-//! An overdue run gets a `timed_out` lifecycle event on `runs` and a dead letter on
-//! `dlq.trigger` with reason `callback_timeout` carrying the original normalized event.
+//! An overdue run is first retrieved from its agent's backend (every backend can poll): a
+//! final run's completion is published to `completions` ([`crate::completion`]) as if its
+//! callback had arrived, a lost callback costing a delay instead of a dead letter. A run still
+//! running, or one the platform does not answer for, gets a `timed_out` lifecycle event on
+//! `runs` and a dead letter on `dlq.trigger` with reason `callback_timeout` carrying the
+//! original normalized event, and its scheduled polls are cancelled.
 //!
 //! At-least-once: `take_due` removes the deadline before the outputs are published, so on a
 //! publish failure the deadline is put back (due again at the next sweep); a crash in between
@@ -24,8 +29,10 @@ use bytes::Bytes;
 use serde_json::Value;
 use tracing::warn;
 
+use crate::backend::Backends;
+use crate::completion::{CompletionPublisher, Published};
 use crate::error::reason;
-use crate::metrics::Metrics;
+use crate::metrics::{via, Metrics};
 use crate::worker::{lifecycle, run_event, SERVICE};
 
 /// Overdue runs handled per store round trip.
@@ -40,18 +47,29 @@ pub struct Watchdog {
     run_deadline: Duration,
     /// Configured aliases: the only values the `agent` metric label takes.
     agents: HashSet<String>,
+    /// Each agent's backend, for the poll at the deadline.
+    backends: Backends,
+    publisher: CompletionPublisher,
     metrics: Metrics,
 }
 
 impl Watchdog {
-    pub fn new(config: &Config, transport: Arc<dyn Transport>, store: Arc<dyn Store>, metrics: Metrics) -> Self {
+    pub fn new(
+        config: &Config,
+        transport: Arc<dyn Transport>,
+        store: Arc<dyn Store>,
+        metrics: Metrics,
+        backends: Backends,
+    ) -> Self {
         Self {
+            publisher: CompletionPublisher::new(config, transport.clone(), store.clone()),
             transport,
             store,
             topics: Topics::new(config.transport.prefix.clone()),
             interval: config.trigger_worker.watchdog_interval,
             run_deadline: config.trigger_worker.run_deadline,
             agents: config.agents.keys().cloned().collect(),
+            backends,
             metrics,
         }
     }
@@ -107,7 +125,35 @@ impl Watchdog {
         let key = event.idempotencykey.clone().unwrap_or_default();
         let agent_name = event.agent.clone().unwrap_or_default();
         let agent = if self.agents.contains(&agent_name) { agent_name.as_str() } else { "unknown" };
-        let detail = format!("run {run_id} did not complete within {}", humanize(self.run_deadline));
+        // The run state names the alias that triggered the run (the event's, too).
+        let alias = state.get("agent").and_then(Value::as_str).unwrap_or(agent_name.as_str());
+        let mut last_seen = String::new();
+        if let Some(backend) = self.backends.get(alias) {
+            match backend.poll(run_id).await {
+                Ok(run) if run.is_final() => {
+                    self.metrics.poll(agent, "final");
+                    return match self.publisher.publish(&run, &state).await? {
+                        Published::Now => {
+                            warn!(run_id, agent, status = %run.status, "run final at its deadline without a completion; published it from a poll");
+                            self.metrics.completion_published(agent, via::WATCHDOG);
+                            Ok(())
+                        }
+                        Published::Earlier => Ok(()),
+                        // Its holder may still fail and release: look again at the next sweep.
+                        Published::Elsewhere => Err("its completion is being published elsewhere".into()),
+                    };
+                }
+                Ok(run) => {
+                    self.metrics.poll(agent, "pending");
+                    last_seen = format!(" (platform status at the deadline: {})", run.status);
+                }
+                Err(e) => {
+                    self.metrics.poll(agent, "error");
+                    last_seen = format!(" (the poll at the deadline failed: {e})");
+                }
+            }
+        }
+        let detail = format!("run {run_id} did not complete within {}{last_seen}", humanize(self.run_deadline));
 
         let mut ev = run_event(&event, RunStage::TimedOut, 1);
         ev.run_id = Some(run_id.to_string());
@@ -133,6 +179,10 @@ impl Watchdog {
             .map_err(|e| format!("publish dead letter: {e}"))?;
         warn!(run_id, agent, reason = reason::CALLBACK_TIMEOUT, "run timed out; dead-lettered to dlq.trigger");
         self.metrics.timed_out(agent);
+        if let Err(e) = self.store.cancel_poll(run_id).await {
+            // The poller stops at the deadline by itself; this only saves it a look.
+            tracing::debug!(run_id, error = %e, "cannot cancel the timed-out run's polls");
+        }
         Ok(())
     }
 }

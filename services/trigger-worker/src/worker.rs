@@ -21,8 +21,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentbridge_config::{AgentRunConfig, BackendKind, Config, TriggerWorkerConfig};
-use agentbridge_contracts::{Envelope, RunEvent, RunStage, Stage, Topics, TraceParent, RUN_EVENT_TYPE};
+use agentbridge_config::{AgentRunConfig, CompletionMode, Config, TriggerWorkerConfig};
+use agentbridge_contracts::{run_event_id, Envelope, RunEvent, RunStage, Stage, Topics, TraceParent, RUN_EVENT_TYPE};
 use agentbridge_runtime::backoff::Backoff;
 use agentbridge_runtime::CancellationToken;
 use agentbridge_store::{Claim, Rate, Store, StoreError};
@@ -32,11 +32,10 @@ use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::backend::{AgentBackend, RunMetadata, TriggerRequest};
+use crate::backend::{build_backend, AgentBackend, RunMetadata, RunStatus, TriggerAccepted, TriggerRequest};
+use crate::completion::{CompletionPublisher, Published};
 use crate::error::{reason, BackendError, StartError};
-use crate::metrics::{outcome, Metrics};
-use crate::responses::ResponsesBackend;
-use crate::workspace::WorkspaceBackend;
+use crate::metrics::{outcome, via, Metrics};
 
 /// The service name stamped into dead letters and lifecycle events.
 pub const SERVICE: &str = "trigger-worker";
@@ -48,7 +47,18 @@ const MIN_HOLD: Duration = Duration::from_millis(100);
 /// The dedup claim key of an event (namespaced so other stages can claim the same idempotency
 /// key for their own side effects).
 pub fn claim_key(idempotency_key: &str) -> String {
-    format!("trigger:{idempotency_key}")
+    agentbridge_contracts::trigger_claim_key(idempotency_key)
+}
+
+/// The `Idempotency-Key` sent to the agent platform: the idempotency key itself for an
+/// event's first run, `<key>.rerun-<n>` for the n-th automatic re-run the callback-dispatcher
+/// asked for (envelope attribute `rerun`). The suffix makes an idempotent platform start a fresh
+/// run instead of answering with the failed one, while the dedup claim stays on the key itself.
+pub fn platform_idempotency_key(idempotency_key: &str, rerun: u32) -> String {
+    match rerun {
+        0 => idempotency_key.to_string(),
+        n => format!("{idempotency_key}.rerun-{n}"),
+    }
 }
 
 /// The flag that pauses an agent: while it is set, the agent's events are held.
@@ -89,6 +99,11 @@ pub struct Worker {
     /// The one retry policy of the workspace (`agentbridge_runtime::backoff`, full jitter), used
     /// instead of the `backoff` crate so every service retries the same way.
     backoff: Backoff,
+    /// Publishes the completions of synchronous runs (`completion.mode: sync`).
+    completions: CompletionPublisher,
+    /// The callback-dispatcher's group on `completions`, declared so no completion this
+    /// service publishes is dropped by a broker that has no queue for it yet (RabbitMQ).
+    completions_group: String,
 }
 
 impl Worker {
@@ -105,17 +120,7 @@ impl Worker {
             let run = &agent.run;
             let Some(base_url) = &run.base_url else { continue };
             let agent_id = run.agent_id.clone().unwrap_or_else(|| alias.clone());
-            let backend: Arc<dyn AgentBackend> = match run.backend {
-                // The simulator implements the workspace contract, so one client serves both.
-                BackendKind::Workspace | BackendKind::Simulator => Arc::new(
-                    WorkspaceBackend::new(base_url, &agent_id, run)
-                        .map_err(|message| StartError::Agent { agent: alias.clone(), message })?,
-                ),
-                BackendKind::Responses => Arc::new(
-                    ResponsesBackend::new(base_url, alias, run)
-                        .map_err(|message| StartError::Agent { agent: alias.clone(), message })?,
-                ),
-            };
+            let backend = build_backend(alias, &agent_id, base_url, run)?;
             agents.insert(
                 alias.clone(),
                 AgentRuntime {
@@ -130,6 +135,8 @@ impl Worker {
         let backoff =
             Backoff { initial: t.retry.initial_backoff, max: t.retry.max_backoff, max_attempts: t.retry.max_attempts };
         Ok(Self {
+            completions: CompletionPublisher::new(config, transport.clone(), store.clone()),
+            completions_group: config.dispatcher.group.clone(),
             transport,
             store,
             topics: Topics::new(config.transport.prefix.clone()),
@@ -148,8 +155,13 @@ impl Worker {
     /// group on `dlq.trigger` so no dead letter is published into the void (RabbitMQ).
     pub async fn prepare(&self) -> Result<(), TransportError> {
         let dlq = self.topics.dlq(Stage::Trigger.as_str());
-        self.transport.ensure_topics(&[self.topics.normalized(), self.topics.runs(), dlq.clone()]).await?;
-        self.transport.declare_group(DLQ_GROUP, &[dlq]).await
+        let completions = self.topics.completions();
+        self.transport
+            .ensure_topics(&[self.topics.normalized(), self.topics.runs(), dlq.clone(), completions.clone()])
+            .await?;
+        self.transport.declare_group(DLQ_GROUP, &[dlq]).await?;
+        // Polled and synchronous completions (and the watchdog's) are published from here.
+        self.transport.declare_group(&self.completions_group, &[completions]).await
     }
 
     /// Consumes `normalized` until `cancel` fires, then stops pulling, finishes (and settles)
@@ -257,8 +269,7 @@ impl Worker {
         match result {
             Ok(accepted) => {
                 self.metrics.trigger_call(agent, "ok", seconds);
-                self.on_triggered(delivery, &envelope, key, agent, &token, &request, &accepted.run_id, &accepted.status)
-                    .await
+                self.on_triggered(delivery, &envelope, key, agent, rt, &token, &request, &accepted).await
             }
             Err(e @ BackendError::Permanent { .. }) => {
                 self.metrics.trigger_call(agent, "permanent", seconds);
@@ -280,15 +291,25 @@ impl Worker {
         envelope: &Envelope,
         key: &str,
         agent: &str,
+        rt: &AgentRuntime,
         token: &str,
         request: &TriggerRequest,
-        run_id: &str,
-        status: &str,
+        accepted: &TriggerAccepted,
     ) {
-        // Order matters: run state and deadline, then the broker-confirmed `triggered` event,
-        // then the commit, then the ack. A failure before the commit releases the claim and
-        // retries; the retry reaches the platform with the same Idempotency-Key and gets the
-        // same run back, so every step here is safe to repeat.
+        let (run_id, status) = (accepted.run_id.as_str(), accepted.status.as_str());
+        let completion = &rt.run.completion;
+        // A synchronous answer is published below; without one (a platform that answered
+        // before the run was final), a sync run is polled like a poll-mode run.
+        let finished = accepted.run.as_ref().filter(|r| r.is_final() && completion.mode == CompletionMode::Sync);
+        let poll = match completion.mode {
+            CompletionMode::Callback => false,
+            CompletionMode::Poll => true,
+            CompletionMode::Sync => finished.is_none(),
+        };
+        // Order matters: run state, deadline (and first poll), then the broker-confirmed
+        // `triggered` event, then the commit, then the ack. A failure before the commit
+        // releases the claim and retries; the retry reaches the platform with the same
+        // Idempotency-Key and gets the same run back, so every step here is safe to repeat.
         let state = run_state(envelope, delivery.payload(), key, agent, request, run_id);
         let deadline = now_ms() + i64::try_from(self.config.run_deadline.as_millis()).unwrap_or(i64::MAX / 2);
         let recorded = async {
@@ -300,6 +321,13 @@ impl Worker {
                 .schedule_deadline(run_id, deadline)
                 .await
                 .map_err(|e| ("schedule watchdog deadline", e.to_string()))?;
+            if poll {
+                let first = now_ms() + i64::try_from(completion.poll_initial_interval.as_millis()).unwrap_or(0);
+                self.store
+                    .schedule_poll(run_id, first)
+                    .await
+                    .map_err(|e| ("schedule the first poll", e.to_string()))?;
+            }
             let mut ev = run_event(envelope, RunStage::Triggered, delivery.attempt());
             ev.run_id = Some(run_id.to_string());
             ev.agent_version = request.agent_version.clone();
@@ -312,6 +340,9 @@ impl Worker {
         if let Err((action, detail)) = recorded {
             self.release(key, token).await;
             return self.infra_retry(delivery, agent, action, &detail).await;
+        }
+        if let Some(run) = finished {
+            self.publish_sync_completion(agent, run, &state, completion.poll_initial_interval).await;
         }
         match self.store.commit(&claim_key(key), token, run_id, self.config.dedup_ttl).await {
             Ok(true) => {}
@@ -354,6 +385,28 @@ impl Worker {
         self.metrics.event(agent, outcome::RETRIED);
         if let Err(err) = delivery.retry_later(delay).await {
             warn!(error = %err, "retry_later failed; the event will be redelivered");
+        }
+    }
+
+    /// Publishes the answer of a synchronous run as its completion, before the event is
+    /// acknowledged. The run already happened, so a failure here must not release the claim
+    /// (a retry would run the model again where the server ignores `Idempotency-Key`): the run
+    /// is handed to the poller instead (the response is stored on the platform), and failing
+    /// that, its deadline (already scheduled) makes the watchdog poll and publish it.
+    async fn publish_sync_completion(&self, agent: &str, run: &RunStatus, state: &Value, retry_in: Duration) {
+        let failed = match self.completions.publish(run, state).await {
+            Ok(Published::Now) => {
+                self.metrics.completion_published(agent, via::SYNC);
+                return debug!(run_id = %run.id, status = %run.status, "synchronous run's completion published");
+            }
+            Ok(Published::Earlier) => return,
+            Ok(Published::Elsewhere) => "published elsewhere right now".to_string(),
+            Err(e) => e,
+        };
+        warn!(run_id = %run.id, error = %failed, "cannot publish the synchronous run's completion; handing it to the poller");
+        let at = now_ms() + i64::try_from(retry_in.as_millis()).unwrap_or(0);
+        if let Err(e) = self.store.schedule_poll(&run.id, at).await {
+            warn!(run_id = %run.id, error = %e, "cannot schedule a poll either; the watchdog publishes it at the deadline");
         }
     }
 
@@ -505,7 +558,7 @@ fn trigger_request(e: &Envelope, key: &str, agent: &str, rt: &AgentRuntime, call
         agent_version,
         input: e.data.get("input").cloned().unwrap_or_else(|| json!({})),
         callback_url: callback_url.to_string(),
-        idempotency_key: key.to_string(),
+        idempotency_key: platform_idempotency_key(key, e.rerun.unwrap_or(0)),
         metadata: RunMetadata {
             business_process: e.businessprocess.clone(),
             source: data_str(e, "/source/system").map(str::to_string),
@@ -514,6 +567,7 @@ fn trigger_request(e: &Envelope, key: &str, agent: &str, rt: &AgentRuntime, call
             environment: e.environment.clone(),
             cost_center: e.costcenter.clone(),
             idempotency_key: key.to_string(),
+            rerun: e.rerun.unwrap_or(0),
         },
     }
 }
@@ -527,6 +581,8 @@ fn run_state(e: &Envelope, original: &[u8], key: &str, agent: &str, request: &Tr
         "event": String::from_utf8_lossy(original),
         "run_id": run_id,
         "idempotency_key": key,
+        // Which automatic re-run this run is (0: the first run); the dispatcher counts on.
+        "rerun": e.rerun.unwrap_or(0),
         "agent": agent,
         "agent_id": request.agent_id,
         "agent_version": request.agent_version,
@@ -567,12 +623,13 @@ pub(crate) fn run_event(e: &Envelope, stage: RunStage, attempt: u32) -> RunEvent
 /// A `runs` lifecycle CloudEvent ([`RUN_EVENT_TYPE`], data = `ev`) carrying the event's
 /// correlation and business attributes.
 pub(crate) fn lifecycle(e: &Envelope, ev: &RunEvent) -> Envelope {
-    let key = &ev.idempotency_key;
-    // Deterministic ids: a repeated step produces the same id, so consumers can dedup on it.
-    // Claims happen once per attempt, so their id carries it.
+    // Deterministic ids: a repeated step produces the same id, so consumers can dedup on it;
+    // each automatic re-run's steps are new events. Claims happen once per attempt, so their
+    // id carries it.
+    let id = run_event_id(&ev.idempotency_key, e.rerun.unwrap_or(0), ev.stage);
     let id = match ev.stage {
-        RunStage::Claimed => format!("{key}.claimed.{}", ev.attempt),
-        stage => format!("{key}.{}", stage.as_str()),
+        RunStage::Claimed => format!("{id}.{}", ev.attempt),
+        _ => id,
     };
     // Serializing a struct of strings, numbers and timestamps cannot fail.
     let data = serde_json::to_value(ev).unwrap_or(Value::Null);
@@ -598,6 +655,7 @@ pub(crate) fn lifecycle(e: &Envelope, ev: &RunEvent) -> Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::workspace::WorkspaceBackend;
 
     fn event() -> Envelope {
         let mut e = Envelope::new(
@@ -664,6 +722,15 @@ mod tests {
         assert_eq!(r.metadata.source_event_id.as_deref(), Some("evt-9"));
         assert_eq!(r.metadata.cost_center.as_deref(), Some("cc-7"));
         assert_eq!(r.metadata.business_process.as_deref(), Some("customer_support"));
+        assert_eq!(r.metadata.rerun, 0);
+        // A re-run asks the platform for a fresh run; the dedup and correlation key stays.
+        let mut again = e.clone();
+        again.rerun = Some(2);
+        let r2 = trigger_request(&again, "k1", "support-triage", &runtime(None), "https://cb.example/cb");
+        assert_eq!(r2.idempotency_key, "k1.rerun-2");
+        assert_eq!((r2.metadata.idempotency_key.as_str(), r2.metadata.rerun), ("k1", 2));
+        assert_eq!(r2.input, r.input);
+        assert_eq!(platform_idempotency_key("k1", 0), "k1");
         let all = trigger_request(&e, "k1", "support-triage", &runtime(Some(100)), "https://cb.example/cb");
         assert_eq!(all.agent_version.as_deref(), Some("v2-canary"));
         let none = trigger_request(&e, "k1", "support-triage", &runtime(Some(0)), "https://cb.example/cb");
@@ -697,5 +764,9 @@ mod tests {
         assert_eq!(l.extension_str("runid"), Some("run_1"));
         assert!(Envelope::from_slice(&l.to_vec()).is_ok(), "a valid CloudEvent");
         assert_eq!(lifecycle(&e, &run_event(&e, RunStage::Claimed, 3)).id, "k1.claimed.3");
+        let mut rerun = e.clone();
+        rerun.rerun = Some(2);
+        assert_eq!(lifecycle(&rerun, &run_event(&rerun, RunStage::Triggered, 1)).id, "k1.rerun-2.triggered");
+        assert_eq!(lifecycle(&rerun, &run_event(&rerun, RunStage::Claimed, 1)).id, "k1.rerun-2.claimed.1");
     }
 }

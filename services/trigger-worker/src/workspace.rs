@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use agentbridge_config::{AgentRunConfig, Secret};
+use agentbridge_config::{AgentRunConfig, CompletionMode, Secret};
 use async_trait::async_trait;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
 use serde::Deserialize;
@@ -28,6 +28,9 @@ pub struct WorkspaceBackend {
     trigger_path: String,
     poll_path: String,
     api_key: Option<Secret>,
+    /// `completion.mode: callback`. In poll mode no `callback_url` is sent: nobody would
+    /// listen for it, and a platform that calls back anyway would only add a duplicate.
+    send_callback: bool,
 }
 
 impl WorkspaceBackend {
@@ -44,6 +47,7 @@ impl WorkspaceBackend {
             trigger_path: run.trigger_path.replace("{agent_id}", agent_id),
             poll_path: run.poll_path.clone(),
             api_key: run.api_key.clone(),
+            send_callback: run.completion.mode == CompletionMode::Callback,
         })
     }
 
@@ -69,7 +73,6 @@ impl AgentBackend for WorkspaceBackend {
         let mut body = json!({
             "agent_id": request.agent_id,
             "input": request.input,
-            "callback_url": request.callback_url,
             "metadata": {
                 "business_process": m.business_process,
                 "source": m.source,
@@ -82,6 +85,13 @@ impl AgentBackend for WorkspaceBackend {
         });
         if let Some(v) = &request.agent_version {
             body["agent_version"] = json!(v);
+        }
+        if m.rerun > 0 {
+            // Echoed back with the completion, so the run can be told apart from the first.
+            body["metadata"]["rerun"] = json!(m.rerun);
+        }
+        if self.send_callback {
+            body["callback_url"] = json!(request.callback_url);
         }
         let url = format!("{}{}", self.base_url, self.trigger_path);
         let req = self.client.post(&url).header(IDEMPOTENCY_KEY_HEADER, &request.idempotency_key).json(&body);
@@ -106,7 +116,11 @@ impl AgentBackend for WorkspaceBackend {
                 retry_after: None,
             });
         }
-        Ok(TriggerAccepted { run_id: accepted.id, status: accepted.status.unwrap_or_else(|| "queued".into()) })
+        Ok(TriggerAccepted {
+            run_id: accepted.id,
+            status: accepted.status.unwrap_or_else(|| "queued".into()),
+            run: None,
+        })
     }
 
     async fn poll(&self, run_id: &str) -> Result<RunStatus, BackendError> {

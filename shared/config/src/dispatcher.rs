@@ -77,7 +77,42 @@ pub struct DispatcherConfig {
     /// Timeout of one write-back HTTP call (default `10s`).
     #[serde(default = "default_writeback_timeout", with = "serde_duration")]
     pub writeback_timeout: Duration,
+    /// Automatic re-runs of runs that failed transiently (`rate_limited`, `timeout`,
+    /// `server_error` ...) or whose agent reported `tool_unavailable`.
+    #[serde(default)]
+    pub rerun: RerunConfig,
 }
+
+/// Bounded re-runs: the failed run's business event goes back to the trigger-worker, which
+/// starts a fresh run on the platform under the same dedup key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RerunConfig {
+    /// Re-runs per business event after the first run (default 2; 0 turns re-runs off and
+    /// dead-letters such runs at once, as `run_failed_transient` / `tool_unavailable`). Past
+    /// the bound the run is dead-lettered as `attempts_exhausted`.
+    #[serde(default = "default_max_reruns")]
+    pub max_reruns: u32,
+    /// How long after the failed completion the re-run is sent (default `30s`, at most `10m`).
+    /// RabbitMQ rounds it up to its delay tiers (1s, 5s, 30s, 2m, 10m).
+    #[serde(default = "default_rerun_delay", with = "serde_duration")]
+    pub delay: Duration,
+}
+
+impl Default for RerunConfig {
+    fn default() -> Self {
+        Self { max_reruns: default_max_reruns(), delay: default_rerun_delay() }
+    }
+}
+
+fn default_max_reruns() -> u32 {
+    2
+}
+fn default_rerun_delay() -> Duration {
+    Duration::from_secs(30)
+}
+/// The longest `retry_later` delay every transport honours (RabbitMQ's largest delay tier).
+const MAX_RERUN_DELAY: Duration = Duration::from_secs(600);
 
 /// Which API a write-back target speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -193,6 +228,7 @@ impl Default for DispatcherConfig {
             writeback_attempts: default_writeback_attempts(),
             writeback_backoff: default_writeback_backoff(),
             writeback_timeout: default_writeback_timeout(),
+            rerun: RerunConfig::default(),
         }
     }
 }
@@ -369,6 +405,9 @@ pub(crate) fn validate_dispatcher(c: &crate::Config, p: &mut Vec<Problem>) {
     if d.writeback_attempts == 0 {
         p.push(Problem::new("dispatcher.writeback_attempts", "must be at least 1"));
     }
+    if d.rerun.delay > MAX_RERUN_DELAY {
+        p.push(Problem::new("dispatcher.rerun.delay", "must be at most 10m (the longest transport delay)"));
+    }
     let allowed = |url: &str| url_host(url).is_some_and(|h| d.allowed_hosts.iter().any(|a| a.eq_ignore_ascii_case(&h)));
     for (name, t) in &d.writeback_targets {
         let key = format!("dispatcher.writeback_targets.{name}");
@@ -443,6 +482,23 @@ dispatcher:
         let unknown =
             Config::from_layers("dispatcher:\n  nope: 1\n", Vec::<(String, String)>::new()).expect_err("unknown");
         assert!(unknown.to_string().contains("dispatcher"), "{unknown}");
+    }
+
+    #[test]
+    fn rerun_defaults_env_override_and_bound() {
+        let c = Config::from_layers("", Vec::<(String, String)>::new()).expect("defaults");
+        assert_eq!((c.dispatcher.rerun.max_reruns, c.dispatcher.rerun.delay.as_secs()), (2, 30));
+        let env = vec![("AGENTBRIDGE__DISPATCHER__RERUN__MAX_RERUNS".to_string(), "0".to_string())];
+        let c = Config::from_layers("dispatcher:\n  rerun: {delay: 5s}\n", env).expect("override");
+        assert_eq!((c.dispatcher.rerun.max_reruns, c.dispatcher.rerun.delay.as_secs()), (0, 5));
+        let err = Config::from_layers("dispatcher:\n  rerun: {delay: 11m}\n", Vec::<(String, String)>::new())
+            .expect_err("too long")
+            .to_string();
+        assert!(err.contains("dispatcher.rerun.delay: must be at most 10m"), "{err}");
+        let err = Config::from_layers("dispatcher:\n  rerun: {tries: 1}\n", Vec::<(String, String)>::new())
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("tries"), "{err}");
     }
 
     #[test]

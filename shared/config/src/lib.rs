@@ -24,7 +24,10 @@ pub use pipeline::{
 };
 pub use secret::Secret;
 pub use sections::*;
-pub use trigger::{AgentRunConfig, BackendKind, CanaryConfig, RateLimitConfig, RetryConfig, TriggerWorkerConfig};
+pub use trigger::{
+    AgentRunConfig, BackendKind, CanaryConfig, CompletionConfig, CompletionMode, RateLimitConfig, RetryConfig,
+    TriggerWorkerConfig,
+};
 
 use std::path::{Path, PathBuf};
 

@@ -43,12 +43,14 @@ pub struct TriggerWorkerConfig {
     #[serde(default)]
     pub retry: RetryConfig,
     /// Base URL the agent platform calls back when a run finishes (the callback-dispatcher's
-    /// public address, e.g. `https://agentbridge.example.com/callbacks/workspace`).
+    /// public address, e.g. `https://agentbridge.example.com/callbacks/workspace`). Sent only
+    /// for agents whose `run.completion.mode` is `callback`.
     #[serde(default = "default_callback_url")]
     pub callback_url: String,
-    /// How long a triggered run may take to complete before the watchdog gives up on it:
-    /// a `timed_out` lifecycle event and a dead letter with reason `callback_timeout`
-    /// (default `15m`). Whoever records the completion cancels the deadline.
+    /// How long a triggered run may take to complete (default `15m`). Past it the watchdog
+    /// polls the run once: a final run's completion is published; otherwise the run gets a
+    /// `timed_out` lifecycle event and a dead letter with reason `callback_timeout`. Whoever
+    /// records the completion cancels the deadline.
     #[serde(default = "default_run_deadline", with = "serde_duration")]
     pub run_deadline: Duration,
     /// How often the watchdog looks for runs past their deadline (default `5s`). Every replica
@@ -146,10 +148,10 @@ pub enum BackendKind {
     Workspace,
     /// The local simulator (`agentbridge simulate-agents`); speaks the workspace contract.
     Simulator,
-    /// An OpenAI-compatible Responses API in background mode with strict structured output
-    /// (`text.format` of type `json_schema`, `strict: true`); the platform's webhook
-    /// (`response.completed`) reports the completion. `base_url` includes the version,
-    /// e.g. `https://api.openai.com/v1`.
+    /// An OpenAI-compatible Responses API with strict structured output (`text.format` of
+    /// type `json_schema`, `strict: true`), in background mode polled for its result
+    /// (`completion.mode: poll`) or as one blocking call (`completion.mode: sync`). `base_url`
+    /// includes the version, e.g. `https://api.openai.com/v1`.
     Responses,
 }
 
@@ -157,8 +159,8 @@ pub enum BackendKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentRunConfig {
-    /// `workspace` (default), `simulator` (both speak the workspace contract; the completion
-    /// arrives as a signed callback at `trigger_worker.callback_url`) or `responses`.
+    /// `workspace` (default), `simulator` (both speak the workspace contract) or `responses`.
+    /// How the completion comes back is `completion.mode`.
     #[serde(default)]
     pub backend: BackendKind,
     /// Base URL of the agent platform API, e.g. `https://api.example.com`. Events for an agent
@@ -200,6 +202,10 @@ pub struct AgentRunConfig {
     /// Sends a share of the events to another agent version.
     #[serde(default)]
     pub canary: Option<CanaryConfig>,
+    /// How the worker learns that a run finished: a signed callback (default), polling, or
+    /// the answer of a synchronous call.
+    #[serde(default)]
+    pub completion: CompletionConfig,
 }
 
 impl Default for AgentRunConfig {
@@ -218,6 +224,7 @@ impl Default for AgentRunConfig {
             instructions: None,
             rate_limit: None,
             canary: None,
+            completion: CompletionConfig::default(),
         }
     }
 }
@@ -234,6 +241,62 @@ fn default_agent_in_flight() -> usize {
 fn default_request_timeout() -> Duration {
     Duration::from_secs(30)
 }
+
+/// How a run's completion reaches the callback-dispatcher (`agents.<alias>.run.completion`).
+/// Whichever mode, the dispatcher receives the same `completions` CloudEvent, so validation
+/// is one path.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompletionMode {
+    /// The platform POSTs a signed callback to `trigger_worker.callback_url` (default).
+    #[default]
+    Callback,
+    /// No callback URL is sent; the worker polls the run (shared by every replica through the
+    /// store) until it is final and publishes the completion itself. Any backend.
+    Poll,
+    /// `responses` only: a blocking call (`background: false`) whose answer is the finished
+    /// run; the worker publishes it as the completion at once. The call holds a worker slot
+    /// for the whole run, so `request_timeout` must cover the longest run.
+    Sync,
+}
+
+/// `agents.<alias>.run.completion`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompletionConfig {
+    /// `callback` (default), `poll` or `sync`.
+    #[serde(default)]
+    pub mode: CompletionMode,
+    /// `poll`: the first poll comes this long after the trigger (default `2s`); each next one
+    /// waits as long as the run has already taken (so the interval doubles), capped by
+    /// `poll_max_interval`.
+    #[serde(default = "default_poll_initial_interval", with = "serde_duration")]
+    pub poll_initial_interval: Duration,
+    /// `poll`: the longest wait between two polls of one run (default `1m`).
+    #[serde(default = "default_poll_max_interval", with = "serde_duration")]
+    pub poll_max_interval: Duration,
+}
+
+impl Default for CompletionConfig {
+    fn default() -> Self {
+        Self {
+            mode: CompletionMode::default(),
+            poll_initial_interval: default_poll_initial_interval(),
+            poll_max_interval: default_poll_max_interval(),
+        }
+    }
+}
+
+fn default_poll_initial_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_poll_max_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// Shortest poll interval accepted: polls are picked up by a store sweep at this granularity,
+/// and a smaller value would only make every replica hammer the store.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// A GCRA rate limit, enforced in the store so every replica shares it.
 #[derive(Debug, Clone, Deserialize)]
@@ -319,6 +382,14 @@ pub(crate) fn validate_trigger(c: &crate::Config, p: &mut Vec<Problem>) {
         if a.run.request_timeout >= t.claim_lease {
             p.push(Problem::new(format!("{key}.request_timeout"), "must be shorter than trigger_worker.claim_lease"));
         }
+        // A first poll after the deadline would never happen: the watchdog gets there first.
+        let c = &a.run.completion;
+        if c.mode == CompletionMode::Poll && c.poll_initial_interval >= t.run_deadline {
+            p.push(Problem::new(
+                format!("{key}.completion.poll_initial_interval"),
+                "must be shorter than trigger_worker.run_deadline",
+            ));
+        }
     }
 }
 
@@ -357,6 +428,7 @@ fn validate_run(key: &str, r: &AgentRunConfig, p: &mut Vec<Problem>) {
             ));
         }
     }
+    validate_completion(&format!("{key}.completion"), r, p);
     if let Some(rl) = &r.rate_limit {
         if rl.limit == 0 {
             p.push(Problem::new(format!("{key}.rate_limit.limit"), "must be at least 1"));
@@ -378,6 +450,24 @@ fn validate_run(key: &str, r: &AgentRunConfig, p: &mut Vec<Problem>) {
         if c.percent > 100 {
             p.push(Problem::new(format!("{key}.canary.percent"), "must be between 0 and 100"));
         }
+    }
+}
+
+fn validate_completion(key: &str, r: &AgentRunConfig, p: &mut Vec<Problem>) {
+    let c = &r.completion;
+    // Only the Responses API answers a blocking call with the finished run; the workspace
+    // contract (and the simulator) always answer `queued` at once.
+    if c.mode == CompletionMode::Sync && r.backend != BackendKind::Responses {
+        p.push(Problem::new(
+            format!("{key}.mode"),
+            "sync needs backend responses (workspace and simulator runs finish later: use callback or poll)",
+        ));
+    }
+    if c.poll_initial_interval < MIN_POLL_INTERVAL {
+        p.push(Problem::new(format!("{key}.poll_initial_interval"), "must be at least 50ms"));
+    }
+    if c.poll_initial_interval > c.poll_max_interval {
+        p.push(Problem::new(format!("{key}.poll_initial_interval"), "must not exceed poll_max_interval"));
     }
 }
 
@@ -436,5 +526,49 @@ mod tests {
         let err =
             Config::from_layers("trigger_worker:\n  lease: 1s\n", Vec::<(String, String)>::new()).expect_err("unknown");
         assert!(err.to_string().starts_with("trigger_worker.lease: unknown field"), "{err}");
+    }
+
+    #[test]
+    fn completion_modes_load_and_are_checked_against_the_backend() {
+        let c = Config::from_layers("", Vec::<(String, String)>::new()).expect("defaults");
+        assert!(c.agents.values().all(|a| a.run.completion.mode == super::CompletionMode::Callback));
+        let yaml = "agents:\n  a:\n    run:\n      backend: simulator\n      base_url: http://127.0.0.1:9000\n      completion: {mode: poll, poll_initial_interval: 200ms, poll_max_interval: 5s}\n";
+        let c = Config::from_layers(yaml, Vec::<(String, String)>::new()).expect("valid");
+        let completion = &c.agents["a"].run.completion;
+        assert_eq!(completion.mode, super::CompletionMode::Poll);
+        assert_eq!(completion.poll_initial_interval.as_millis(), 200);
+        assert_eq!(completion.poll_max_interval.as_secs(), 5);
+
+        let problems = |yaml: &str| match Config::from_layers(yaml, Vec::<(String, String)>::new()) {
+            Err(ConfigError::Validation(p)) => p.into_iter().map(|p| format!("{}: {}", p.key, p.message)).collect(),
+            other => panic!("expected validation errors, got {other:?}"),
+        };
+        let p: Vec<String> =
+            problems("agents:\n  a:\n    run:\n      backend: workspace\n      completion: {mode: sync}\n");
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("agents.a.run.completion.mode: sync needs backend responses"), "{p:?}");
+        let p = problems(
+            "agents:\n  a:\n    run:\n      completion: {mode: poll, poll_initial_interval: 10ms, poll_max_interval: 5ms}\n",
+        );
+        assert_eq!(
+            p,
+            [
+                "agents.a.run.completion.poll_initial_interval: must be at least 50ms",
+                "agents.a.run.completion.poll_initial_interval: must not exceed poll_max_interval",
+            ]
+        );
+        let p = problems(
+            "trigger_worker:\n  run_deadline: 1s\nagents:\n  a:\n    run:\n      completion: {mode: poll, poll_initial_interval: 2s}\n",
+        );
+        assert_eq!(
+            p,
+            ["agents.a.run.completion.poll_initial_interval: must be shorter than trigger_worker.run_deadline"]
+        );
+        let err = Config::from_layers(
+            "agents:\n  a:\n    run:\n      completion: {mode: push}\n",
+            Vec::<(String, String)>::new(),
+        )
+        .expect_err("unknown mode");
+        assert!(err.to_string().contains("agents.a.run.completion.mode"), "{err}");
     }
 }

@@ -17,6 +17,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::Envelope;
+
 /// Event type of a successful run.
 pub const RUN_COMPLETED: &str = "workspace.agent.run.completed";
 /// Event type of a failed run.
@@ -72,9 +74,46 @@ impl Completion {
     }
 }
 
+/// The `completions` CloudEvent of one finished run, as every publisher builds it (the
+/// callback-dispatcher for callbacks, the trigger-worker for polled and synchronous runs):
+/// `source` is the publishing service (`agentbridge/<service>`), `data` the run as received.
+pub fn completion_event(
+    source: &str,
+    event_type: &str,
+    webhook_id: Option<&str>,
+    completion: &Completion,
+    data: Value,
+) -> Envelope {
+    let id = webhook_id.map_or_else(|| format!("{}.{}", completion.id, completion.status), str::to_string);
+    let mut e = Envelope::new(id, source, event_type, data);
+    e.time = Some(chrono::Utc::now());
+    e.subject = Some(completion.id.clone());
+    let meta = completion.metadata.as_ref();
+    let text = |k: &str| meta.and_then(|m| m.get(k)).and_then(Value::as_str).map(str::to_string);
+    e.idempotencykey = text("idempotency_key");
+    e.businessprocess = text("business_process");
+    e.costcenter = text("cost_center");
+    e.environment = text("environment");
+    e.sourceeventid = text("source_event_id");
+    e
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn completion_event_takes_its_id_and_attributes_from_the_run() {
+        let c: Completion = serde_json::from_value(serde_json::json!({"id": "run_1", "status": "failed",
+            "metadata": {"idempotency_key": "k", "cost_center": "cc", "business_process": "p"}}))
+        .expect("parse");
+        let e = completion_event("agentbridge/x", RUN_FAILED, None, &c, serde_json::to_value(&c).expect("ser"));
+        assert_eq!((e.id.as_str(), e.source.as_str(), e.ty.as_str()), ("run_1.failed", "agentbridge/x", RUN_FAILED));
+        assert_eq!(e.subject.as_deref(), Some("run_1"));
+        assert_eq!(e.idempotencykey.as_deref(), Some("k"));
+        assert_eq!(e.costcenter.as_deref(), Some("cc"));
+        assert_eq!(completion_event("s", RUN_COMPLETED, Some("msg_1"), &c, Value::Null).id, "msg_1");
+    }
 
     #[test]
     fn callback_data_round_trips_with_unknown_fields() {

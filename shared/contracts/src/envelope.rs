@@ -69,6 +69,12 @@ pub struct Envelope {
     /// How many times this stage has tried the event (1 on the first try).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempt: Option<u32>,
+    /// Which automatic re-run of the business event this is (absent on the first run, 1 on the
+    /// first re-run). The callback-dispatcher sets it when it sends a transiently failed run back
+    /// to the trigger-worker, which then asks the platform for a fresh run
+    /// (`Idempotency-Key: <idempotencykey>.rerun-<n>`) under the same dedup key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<u32>,
     /// Extension attributes agentbridge does not interpret, kept as received.
     #[serde(flatten)]
     pub extensions: BTreeMap<String, Value>,
@@ -114,6 +120,7 @@ impl Envelope {
             sourceeventid: None,
             traceparent: None,
             attempt: None,
+            rerun: None,
             extensions: BTreeMap::new(),
         }
     }
@@ -146,12 +153,14 @@ impl Envelope {
                 });
             }
         }
-        if let Some(v) = obj.get("attempt") {
-            if v.as_u64().is_none_or(|n| n > u64::from(u32::MAX)) {
-                return Err(EnvelopeError::Invalid {
-                    name: "attempt".into(),
-                    reason: "must be a non-negative integer".into(),
-                });
+        for name in ["attempt", "rerun"] {
+            if let Some(v) = obj.get(name) {
+                if v.as_u64().is_none_or(|n| n > u64::from(u32::MAX)) {
+                    return Err(EnvelopeError::Invalid {
+                        name: name.into(),
+                        reason: "must be a non-negative integer".into(),
+                    });
+                }
             }
         }
         if let Some(v) = obj.get("time") {
@@ -215,6 +224,20 @@ mod tests {
     }
 
     #[test]
+    fn rerun_is_a_typed_extension_and_round_trips() {
+        let mut e = sample();
+        assert!(!String::from_utf8(e.to_vec()).expect("utf8").contains("rerun"), "absent on a first run");
+        e.rerun = Some(2);
+        let bytes = e.to_vec();
+        let text = String::from_utf8(bytes.clone()).expect("utf8");
+        assert!(text.contains(r#""attempt":1,"rerun":2,"writebacktarget":"zendesk""#), "{text}");
+        let back = Envelope::from_slice(&bytes).expect("parses");
+        assert_eq!(back.rerun, Some(2));
+        assert!(!back.extensions.contains_key("rerun"), "typed, not kept as an unknown extension");
+        assert_eq!(back.to_vec(), bytes);
+    }
+
+    #[test]
     fn strict_parsing_names_the_problem() {
         let cases: &[(&str, EnvelopeError)] = &[
             ("{", EnvelopeError::Json(String::new())),
@@ -236,6 +259,8 @@ mod tests {
         let bad_attempt =
             Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","attempt":"x"}"#);
         assert!(matches!(bad_attempt, Err(EnvelopeError::Invalid { .. })), "{bad_attempt:?}");
+        let bad_rerun = Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","rerun":-1}"#);
+        assert!(matches!(&bad_rerun, Err(EnvelopeError::Invalid { name, .. }) if name == "rerun"), "{bad_rerun:?}");
         let nested = Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","agent":{"a":1}}"#);
         assert!(matches!(nested, Err(EnvelopeError::Invalid { name, .. }) if name == "agent"));
     }

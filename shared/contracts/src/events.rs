@@ -44,6 +44,23 @@ impl RunStage {
     }
 }
 
+/// The trigger-worker's dedup claim of a business event (store key `trigger:<idempotency key>`):
+/// claimed before the trigger, committed with the run id. Named here because the
+/// callback-dispatcher reopens it for a bounded re-run of a transiently failed run.
+pub fn trigger_claim_key(idempotency_key: &str) -> String {
+    format!("trigger:{idempotency_key}")
+}
+
+/// The CloudEvent id of a `runs` lifecycle event: `<key>.<stage>` for the first run of a
+/// business event, `<key>.rerun-<n>.<stage>` for its n-th automatic re-run. Deterministic, so a
+/// repeated step repeats its id (consumers dedup on it), while each re-run's steps are new events.
+pub fn run_event_id(idempotency_key: &str, rerun: u32, stage: RunStage) -> String {
+    match rerun {
+        0 => format!("{idempotency_key}.{}", stage.as_str()),
+        n => format!("{idempotency_key}.rerun-{n}.{}", stage.as_str()),
+    }
+}
+
 /// One step of one business event (the `data` of a `runs` event).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RunEvent {
@@ -131,6 +148,8 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(e.attempt, 1);
+        assert_eq!(run_event_id("k", 0, RunStage::Triggered), "k.triggered");
+        assert_eq!(run_event_id("k", 2, RunStage::Failed), "k.rerun-2.failed");
         assert_eq!(e.run_id.as_deref(), Some("r1"));
     }
 }

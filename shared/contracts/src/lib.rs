@@ -18,10 +18,10 @@ pub mod events;
 pub mod topics;
 pub mod trace;
 
-pub use completion::{Completion, CompletionUsage, RUN_COMPLETED, RUN_FAILED};
+pub use completion::{completion_event, Completion, CompletionUsage, RUN_COMPLETED, RUN_FAILED};
 pub use dead_letter::{DeadLetter, Origin, Stage};
 pub use envelope::{Envelope, EnvelopeError};
-pub use events::{RunEvent, RunStage, UsageRecord, RUN_EVENT_TYPE, USAGE_EVENT_TYPE};
+pub use events::{run_event_id, trigger_claim_key, RunEvent, RunStage, UsageRecord, RUN_EVENT_TYPE, USAGE_EVENT_TYPE};
 pub use topics::Topics;
 pub use trace::TraceParent;
 

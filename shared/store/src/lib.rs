@@ -41,6 +41,26 @@ pub enum Claim {
     Done { value: String },
 }
 
+/// The outcome of [`Store::reopen`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reopen {
+    /// The key was committed with the expected value and is now clear; this is re-run number
+    /// `rerun` (1 for the first).
+    Reopened { rerun: u32 },
+    /// An earlier call already reopened the key for this value, as re-run `rerun`; nothing
+    /// changed.
+    AlreadyReopened { rerun: u32 },
+    /// The key is committed with the expected value, but `reruns` re-runs (the maximum) were made
+    /// already; it stays committed.
+    Exhausted { reruns: u32 },
+    /// The key is claimed (its run is still being recorded, or another re-run is being
+    /// triggered) and was not reopened for this value before: ask again later.
+    InProgress,
+    /// The key is committed with another value, or gone, and was not reopened for this value
+    /// before; nothing changed.
+    NotCommitted,
+}
+
 /// A rate: `limit` events per `period`, allowing bursts of up to `burst` at once.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Rate {
@@ -85,6 +105,20 @@ pub trait Store: Send + Sync {
     /// `Ok(false)` when the caller did not hold it (anymore).
     async fn release(&self, key: &str, token: &str) -> Result<bool, StoreError>;
 
+    // --- Bounded re-runs --------------------------------------------------------------------
+    // The callback-dispatcher sends a transiently failed run back to the trigger-worker. The
+    // key it must reopen was committed by another service, so the reopen is conditional on
+    // what was committed (the failed run's id): two dispatcher replicas, or a duplicate failed
+    // completion, cannot reopen it twice, nor reopen it under a newer run.
+
+    /// Reopens the committed key `key` for one more run, when it is committed with `value`
+    /// and fewer than `max_reruns` re-runs of it were made: the key is cleared (the next
+    /// `claim` acquires it) and the re-run is counted (the count is kept for `ttl`, which should
+    /// be the commit's TTL). Repeating the call for the same `value` changes nothing and gives
+    /// the same re-run number back ([`Reopen::AlreadyReopened`]), so a caller that crashed after
+    /// reopening can finish its work.
+    async fn reopen(&self, key: &str, value: &str, max_reruns: u32, ttl: Duration) -> Result<Reopen, StoreError>;
+
     /// Consumes one event from the limiter `key` (GCRA, atomic across replicas).
     async fn rate_limit(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError>;
 
@@ -112,6 +146,20 @@ pub trait Store: Send + Sync {
     /// Atomically removes and returns up to `limit` run ids whose deadline is at or before
     /// `now_unix_ms`; each due run is returned to exactly one caller.
     async fn take_due(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
+
+    // --- Completion polling ---------------------------------------------------------------
+    // The trigger-worker's poll mode: a second due-set beside the deadlines, with the same
+    // semantics, so a run's next poll is shared by every replica, survives a restart, and is
+    // handed to exactly one of them. Kept apart from the deadlines because a lost poll (a
+    // crash after `take_due_polls`) must still leave the run's deadline in place.
+
+    /// Poll `run_id` at `at_unix_ms` (re-scheduling replaces the time).
+    async fn schedule_poll(&self, run_id: &str, at_unix_ms: i64) -> Result<(), StoreError>;
+    /// `Ok(true)` when a scheduled poll was removed.
+    async fn cancel_poll(&self, run_id: &str) -> Result<bool, StoreError>;
+    /// Atomically removes and returns up to `limit` run ids whose poll is due at or before
+    /// `now_unix_ms`; each is returned to exactly one caller.
+    async fn take_due_polls(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError>;
 
     /// Checks the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;

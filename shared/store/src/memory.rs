@@ -24,7 +24,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
-use crate::{Claim, Rate, RateDecision, Store, StoreError};
+use crate::{Claim, Rate, RateDecision, Reopen, Store, StoreError};
 
 /// A TTL as the whole milliseconds handed to Redis `PX`: rounded up, because an entry that
 /// outlives its TTL by under a millisecond is harmless while one that vanishes early is a missed
@@ -120,10 +120,13 @@ struct State {
     flags: BTreeMap<String, Expiring<String>>,
     seen: HashMap<String, Expiring<()>>,
     runs: HashMap<String, Expiring<String>>,
-    /// Deadline per run, and the same pairs ordered by (deadline, run id) as a Redis sorted set
-    /// orders them, so `take_due` hands out the earliest first.
-    deadlines: HashMap<String, i64>,
-    due: BTreeSet<(i64, String)>,
+    /// Re-runs per dedup key: how many were made, and the value (failed run id) the last one
+    /// reopened (`reopen`).
+    reruns: HashMap<String, Expiring<(u32, String)>>,
+    /// Watchdog deadlines.
+    deadlines: DueSet,
+    /// Scheduled completion polls.
+    polls: DueSet,
     /// Entry count after the last sweep: sweeping when the count doubles keeps the cost
     /// amortised O(1) per write however many entries are live.
     swept_len: usize,
@@ -131,7 +134,7 @@ struct State {
 
 impl State {
     fn expiring_len(&self) -> usize {
-        self.dedup.len() + self.rates.len() + self.flags.len() + self.seen.len() + self.runs.len()
+        self.dedup.len() + self.rates.len() + self.flags.len() + self.seen.len() + self.runs.len() + self.reruns.len()
     }
 
     fn after_insert(&mut self, now: Instant) {
@@ -143,7 +146,50 @@ impl State {
         self.flags.retain(|_, e| e.live(now));
         self.seen.retain(|_, e| e.live(now));
         self.runs.retain(|_, e| e.live(now));
+        self.reruns.retain(|_, e| e.live(now));
         self.swept_len = self.expiring_len();
+    }
+}
+
+/// A Redis sorted set of run ids scored by a time: the time per id, and the same pairs ordered
+/// by (time, id) as Redis orders them, so `take` hands out the earliest first.
+#[derive(Default)]
+struct DueSet {
+    at: HashMap<String, i64>,
+    order: BTreeSet<(i64, String)>,
+}
+
+impl DueSet {
+    fn schedule(&mut self, id: &str, at_unix_ms: i64) {
+        if let Some(old) = self.at.insert(id.to_string(), at_unix_ms) {
+            self.order.remove(&(old, id.to_string()));
+        }
+        self.order.insert((at_unix_ms, id.to_string()));
+    }
+
+    fn cancel(&mut self, id: &str) -> bool {
+        match self.at.remove(id) {
+            Some(at) => {
+                self.order.remove(&(at, id.to_string()));
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn take(&mut self, now_unix_ms: i64, limit: usize) -> Vec<String> {
+        let mut taken = Vec::new();
+        while taken.len() < limit {
+            match self.order.first() {
+                Some((at, _)) if *at <= now_unix_ms => {}
+                _ => break,
+            }
+            if let Some((_, id)) = self.order.pop_first() {
+                self.at.remove(&id);
+                taken.push(id);
+            }
+        }
+        taken
     }
 }
 
@@ -235,6 +281,31 @@ impl Store for MemoryStore {
         }
     }
 
+    // --- Bounded re-runs: the Lua script `REOPEN` in `crate::redis`, transcribed.
+
+    async fn reopen(&self, key: &str, value: &str, max_reruns: u32, ttl: Duration) -> Result<Reopen, StoreError> {
+        let mut s = self.lock()?;
+        let now = Instant::now();
+        let made = match live_mut(&mut s.reruns, key, now) {
+            Some(e) if e.value.1 == value => return Ok(Reopen::AlreadyReopened { rerun: e.value.0 }),
+            Some(e) => e.value.0,
+            None => 0,
+        };
+        match live_mut(&mut s.dedup, key, now).map(|e| &e.value) {
+            Some(Dedup::Done { value: v }) if v == value => {}
+            Some(Dedup::Claimed { .. }) => return Ok(Reopen::InProgress),
+            _ => return Ok(Reopen::NotCommitted),
+        }
+        if made >= max_reruns {
+            return Ok(Reopen::Exhausted { reruns: made });
+        }
+        let rerun = made + 1;
+        s.reruns.insert(key.to_string(), Expiring::new((rerun, value.to_string()), Some(ttl), now));
+        s.dedup.remove(key);
+        s.after_insert(now);
+        Ok(Reopen::Reopened { rerun })
+    }
+
     async fn rate_limit(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError> {
         let mut s = self.lock()?;
         let now = Instant::now();
@@ -310,39 +381,29 @@ impl Store for MemoryStore {
     }
 
     async fn schedule_deadline(&self, run_id: &str, at_unix_ms: i64) -> Result<(), StoreError> {
-        let mut s = self.lock()?;
-        if let Some(old) = s.deadlines.insert(run_id.to_string(), at_unix_ms) {
-            s.due.remove(&(old, run_id.to_string()));
-        }
-        s.due.insert((at_unix_ms, run_id.to_string()));
+        self.lock()?.deadlines.schedule(run_id, at_unix_ms);
         Ok(())
     }
 
     async fn cancel_deadline(&self, run_id: &str) -> Result<bool, StoreError> {
-        let mut s = self.lock()?;
-        match s.deadlines.remove(run_id) {
-            Some(at) => {
-                s.due.remove(&(at, run_id.to_string()));
-                Ok(true)
-            }
-            None => Ok(false),
-        }
+        Ok(self.lock()?.deadlines.cancel(run_id))
     }
 
     async fn take_due(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
-        let mut s = self.lock()?;
-        let mut taken = Vec::new();
-        while taken.len() < limit {
-            match s.due.first() {
-                Some((at, _)) if *at <= now_unix_ms => {}
-                _ => break,
-            }
-            if let Some((_, id)) = s.due.pop_first() {
-                s.deadlines.remove(&id);
-                taken.push(id);
-            }
-        }
-        Ok(taken)
+        Ok(self.lock()?.deadlines.take(now_unix_ms, limit))
+    }
+
+    async fn schedule_poll(&self, run_id: &str, at_unix_ms: i64) -> Result<(), StoreError> {
+        self.lock()?.polls.schedule(run_id, at_unix_ms);
+        Ok(())
+    }
+
+    async fn cancel_poll(&self, run_id: &str) -> Result<bool, StoreError> {
+        Ok(self.lock()?.polls.cancel(run_id))
+    }
+
+    async fn take_due_polls(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        Ok(self.lock()?.polls.take(now_unix_ms, limit))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -497,5 +558,20 @@ mod tests {
         assert!(s.take_due(25, 10).await.expect("take").is_empty());
         assert!(!s.cancel_deadline("a").await.expect("cancel"));
         assert_eq!(s.take_due(i64::MAX, 0).await.expect("take"), Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn polls_are_a_due_set_of_their_own() {
+        let s = MemoryStore::new();
+        s.schedule_deadline("run", 100).await.expect("deadline");
+        s.schedule_poll("run", 10).await.expect("poll");
+        s.schedule_poll("run", 20).await.expect("re-scheduling replaces");
+        assert!(s.take_due_polls(15, 10).await.expect("take").is_empty());
+        assert_eq!(s.take_due_polls(20, 10).await.expect("take"), ["run"]);
+        assert!(s.take_due_polls(i64::MAX, 10).await.expect("take").is_empty(), "taken once");
+        assert_eq!(s.take_due(100, 10).await.expect("take"), ["run"], "the deadline is untouched");
+        s.schedule_poll("other", 5).await.expect("poll");
+        assert!(s.cancel_poll("other").await.expect("cancel"));
+        assert!(!s.cancel_poll("other").await.expect("cancel"));
     }
 }

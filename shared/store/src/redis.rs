@@ -1,8 +1,8 @@
 //! The Redis store, shared by every replica.
 //!
 //! Guarantees:
-//! - Every multi-step operation (claim, commit, release, rate limit, take due deadlines) is one
-//!   Lua script, so replicas never interleave inside it; single-step ones are one command.
+//! - Every multi-step operation (claim, commit, release, reopen, rate limit, take due deadlines)
+//!   is one Lua script, so replicas never interleave inside it; single-step ones are one command.
 //!   The exception is `list_flags`, a `SCAN` walk (never `KEYS`, which blocks Redis): it is not
 //!   a snapshot, so a flag set or cleared during the walk may or may not be listed.
 //! - The rate limiter reads the clock with `redis.call('TIME')`, so replicas whose own clocks
@@ -14,7 +14,8 @@
 //! - Fail closed: connection and I/O errors are [`StoreError::Unavailable`], odd replies
 //!   [`StoreError::Protocol`]; no error is ever turned into an answer.
 //! - Every key lives under `store.redis.key_prefix` (`<p>dedup:<key>`, `<p>rate:<key>`,
-//!   `<p>flag:<name>`, `<p>seen:<id>`, `<p>run:<id>`, and the sorted set `<p>deadlines`).
+//!   `<p>reruns:<key>`, `<p>flag:<name>`, `<p>seen:<id>`, `<p>run:<id>`, and the sorted sets
+//!   `<p>deadlines` and `<p>polls`).
 //!
 //! Connecting is lazy-tolerant: [`RedisStore::connect`] fails only on a malformed URL, and waits
 //! at most one timeout (for a first `PING`). When Redis is down at start-up it logs a warning
@@ -32,7 +33,7 @@ use agentbridge_config::RedisConfig;
 use async_trait::async_trait;
 
 use crate::memory::{ttl_ms, Gcra};
-use crate::{Claim, Rate, RateDecision, Store, StoreError};
+use crate::{Claim, Rate, RateDecision, Reopen, Store, StoreError};
 
 /// `SET NX` the claim, or report what holds the key. Replies `{'acquired'}` or
 /// `{'held', <current value>}`.
@@ -65,6 +66,33 @@ if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then
   return 1
 end
 return 0
+";
+
+/// Reopen a committed claim for a bounded re-run (`Store::reopen`). KEYS: the dedup key, the
+/// re-run record `<n>:<value>`. ARGV: value, max re-runs, record TTL ms. Replies
+/// `{'already', n}`, `{'in_progress', 0}`, `{'not_committed', 0}`, `{'exhausted', n}` or
+/// `{'reopened', n}`.
+/// The record's value is everything after the first `:` (run ids may contain colons).
+const REOPEN: &str = r"
+local made = 0
+local rec = redis.call('GET', KEYS[2])
+if rec then
+  local sep = string.find(rec, ':', 1, true)
+  if not sep then return redis.error_reply('reopen: malformed re-run record') end
+  made = tonumber(string.sub(rec, 1, sep - 1))
+  if not made then return redis.error_reply('reopen: malformed re-run count') end
+  if string.sub(rec, sep + 1) == ARGV[1] then return {'already', made} end
+end
+local cur = redis.call('GET', KEYS[1])
+if cur ~= 'done:' .. ARGV[1] then
+  if cur and string.sub(cur, 1, 8) == 'claimed:' then return {'in_progress', 0} end
+  return {'not_committed', 0}
+end
+if made >= tonumber(ARGV[2]) then return {'exhausted', made} end
+made = made + 1
+redis.call('SET', KEYS[2], string.format('%d:', made) .. ARGV[1], 'PX', ARGV[3])
+redis.call('DEL', KEYS[1])
+return {'reopened', made}
 ";
 
 /// GCRA, transcribed from `Gcra::decide`. ARGV: interval µs, capacity µs. Replies
@@ -108,6 +136,7 @@ struct Scripts {
     claim: Script,
     commit: Script,
     release: Script,
+    reopen: Script,
     rate_limit: Script,
     take_due: Script,
 }
@@ -156,6 +185,7 @@ impl RedisStore {
                 claim: Script::new(CLAIM),
                 commit: Script::new(COMMIT),
                 release: Script::new(RELEASE),
+                reopen: Script::new(REOPEN),
                 rate_limit: Script::new(RATE_LIMIT),
                 take_due: Script::new(TAKE_DUE),
             },
@@ -172,6 +202,19 @@ impl RedisStore {
 
     fn deadlines_key(&self) -> String {
         format!("{}deadlines", self.prefix)
+    }
+
+    fn polls_key(&self) -> String {
+        format!("{}polls", self.prefix)
+    }
+
+    /// `take_due` on the sorted set `key`.
+    async fn take_from(&self, key: String, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        // `LIMIT 0 0` would be fine, but a negative count means "all" to Redis: never send one.
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        self.invoke(self.scripts.take_due.key(key).arg(now_unix_ms).arg(limit)).await
     }
 
     /// Runs one round trip under the configured timeout.
@@ -269,6 +312,29 @@ impl Store for RedisStore {
         Ok(released == 1)
     }
 
+    async fn reopen(&self, key: &str, value: &str, max_reruns: u32, ttl: Duration) -> Result<Reopen, StoreError> {
+        let (status, n): (String, i64) = self
+            .invoke(
+                self.scripts
+                    .reopen
+                    .key(self.key("dedup", key))
+                    .key(self.key("reruns", key))
+                    .arg(value)
+                    .arg(max_reruns)
+                    .arg(ttl_ms(ttl)),
+            )
+            .await?;
+        let n = u32::try_from(n).map_err(|_| StoreError::Protocol(format!("reopen script replied count {n}")))?;
+        match status.as_str() {
+            "reopened" => Ok(Reopen::Reopened { rerun: n }),
+            "already" => Ok(Reopen::AlreadyReopened { rerun: n }),
+            "exhausted" => Ok(Reopen::Exhausted { reruns: n }),
+            "in_progress" => Ok(Reopen::InProgress),
+            "not_committed" => Ok(Reopen::NotCommitted),
+            other => Err(StoreError::Protocol(format!("reopen script replied {other:?}"))),
+        }
+    }
+
     async fn rate_limit(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError> {
         let g = Gcra::new(rate);
         let (allowed, retry_after_ms): (i64, i64) = self
@@ -358,11 +424,20 @@ impl Store for RedisStore {
     }
 
     async fn take_due(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
-        // `LIMIT 0 0` would be fine, but a negative count means "all" to Redis: never send one.
-        if limit == 0 {
-            return Ok(Vec::new());
-        }
-        self.invoke(self.scripts.take_due.key(self.deadlines_key()).arg(now_unix_ms).arg(limit)).await
+        self.take_from(self.deadlines_key(), now_unix_ms, limit).await
+    }
+
+    async fn schedule_poll(&self, run_id: &str, at_unix_ms: i64) -> Result<(), StoreError> {
+        self.query::<i64>(::redis::cmd("ZADD").arg(self.polls_key()).arg(at_unix_ms).arg(run_id)).await.map(|_| ())
+    }
+
+    async fn cancel_poll(&self, run_id: &str) -> Result<bool, StoreError> {
+        let removed: i64 = self.query(::redis::cmd("ZREM").arg(self.polls_key()).arg(run_id)).await?;
+        Ok(removed > 0)
+    }
+
+    async fn take_due_polls(&self, now_unix_ms: i64, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.take_from(self.polls_key(), now_unix_ms, limit).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
