@@ -515,14 +515,40 @@ async fn deadlines_schedule_cancel_and_take_due_once(backend: Backend) {
     for i in 0..DUE {
         ctx.client(i).schedule_deadline(&format!("run-{i:03}"), now - (i as i64 % 50)).await.expect("schedule");
     }
+    let all = drain_concurrently(&ctx, DueSet::Deadlines, now, 7).await;
+    let unique: HashSet<&String> = all.iter().collect();
+    assert_eq!(all.len(), DUE, "every due id once");
+    assert_eq!(unique.len(), DUE, "no id twice");
+    assert!(!unique.iter().any(|id| id.as_str() == "moved" || id.as_str() == "future"), "not-yet-due ids stay");
+
+    // The ones not yet due come out when their time comes, earliest first.
+    assert!(ctx.a.take_due(now + 999, 10).await.expect("take").is_empty());
+    assert_eq!(ctx.a.take_due(now + 60_000, 10).await.expect("take"), ["moved", "future"]);
+    assert!(!ctx.a.cancel_deadline("future").await.expect("cancel"), "taken means gone");
+    ctx.cleanup().await;
+}
+
+#[derive(Clone, Copy)]
+enum DueSet {
+    Deadlines,
+    Polls,
+}
+
+/// Four callers on the two clients take due ids in batches of `limit` until none is left;
+/// returns everything they got.
+async fn drain_concurrently(ctx: &Ctx, set: DueSet, now: i64, limit: usize) -> Vec<String> {
     let tasks: Vec<_> = (0..4)
         .map(|i| {
             let store = ctx.client(i);
             tokio::spawn(async move {
                 let mut got = Vec::new();
                 loop {
-                    let batch = store.take_due(now, 7).await.expect("take");
-                    assert!(batch.len() <= 7, "limit honoured");
+                    let batch = match set {
+                        DueSet::Deadlines => store.take_due(now, limit).await,
+                        DueSet::Polls => store.take_due_polls(now, limit).await,
+                    }
+                    .expect("take");
+                    assert!(batch.len() <= limit, "limit honoured");
                     if batch.is_empty() {
                         return got;
                     }
@@ -535,16 +561,7 @@ async fn deadlines_schedule_cancel_and_take_due_once(backend: Backend) {
     for t in tasks {
         all.extend(t.await.expect("task"));
     }
-    let unique: HashSet<&String> = all.iter().collect();
-    assert_eq!(all.len(), DUE, "every due id once");
-    assert_eq!(unique.len(), DUE, "no id twice");
-    assert!(!unique.iter().any(|id| id.as_str() == "moved" || id.as_str() == "future"), "not-yet-due ids stay");
-
-    // The ones not yet due come out when their time comes, earliest first.
-    assert!(ctx.a.take_due(now + 999, 10).await.expect("take").is_empty());
-    assert_eq!(ctx.a.take_due(now + 60_000, 10).await.expect("take"), ["moved", "future"]);
-    assert!(!ctx.a.cancel_deadline("future").await.expect("cancel"), "taken means gone");
-    ctx.cleanup().await;
+    all
 }
 
 async fn polls_schedule_cancel_and_take_due_once_apart_from_deadlines(backend: Backend) {
@@ -570,26 +587,7 @@ async fn polls_schedule_cancel_and_take_due_once_apart_from_deadlines(backend: B
     for i in 0..DUE {
         ctx.client(i).schedule_poll(&format!("poll-{i:03}"), now - (i as i64 % 20)).await.expect("poll");
     }
-    let tasks: Vec<_> = (0..4)
-        .map(|i| {
-            let store = ctx.client(i);
-            tokio::spawn(async move {
-                let mut got = Vec::new();
-                loop {
-                    let batch = store.take_due_polls(now, 5).await.expect("take");
-                    assert!(batch.len() <= 5, "limit honoured");
-                    if batch.is_empty() {
-                        return got;
-                    }
-                    got.extend(batch);
-                }
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await.expect("task"));
-    }
+    let all = drain_concurrently(&ctx, DueSet::Polls, now, 5).await;
     let unique: HashSet<&String> = all.iter().collect();
     assert_eq!((all.len(), unique.len()), (DUE, DUE), "every due poll once");
     assert_eq!(ctx.a.take_due_polls(now + 500, 10).await.expect("take"), ["later"]);
