@@ -283,73 +283,13 @@ fn error_contract(output: &Value) -> Option<Verdict> {
     })
 }
 
-fn is_empty(v: Option<&Value>) -> bool {
-    match v {
-        None | Some(Value::Null) => true,
-        Some(Value::String(s)) => s.is_empty(),
-        Some(Value::Array(a)) => a.is_empty(),
-        Some(Value::Object(o)) => o.is_empty(),
-        Some(_) => false,
-    }
-}
-
 /// Whether condition `c` holds on `doc` (`{"output", "input"}`).
 pub fn holds(c: &Condition, doc: &Value) -> bool {
-    let v = doc.pointer(&c.field);
-    if let Some(want) = &c.equals {
-        return v == Some(want);
-    }
-    if let Some(want) = &c.not_equals {
-        return v != Some(want);
-    }
-    if let Some(set) = &c.one_of {
-        return v.is_some_and(|v| set.contains(v));
-    }
-    if let Some(want_empty) = c.empty {
-        return is_empty(v) == want_empty;
-    }
-    let n = v.and_then(Value::as_f64);
-    if let Some(limit) = c.greater_than {
-        return n.is_some_and(|n| n > limit);
-    }
-    if let Some(limit) = c.less_than {
-        return n.is_some_and(|n| n < limit);
-    }
-    if let Some(other) = &c.greater_than_field {
-        let limit = doc.pointer(other).and_then(Value::as_f64);
-        return matches!((n, limit), (Some(n), Some(l)) if n > l);
-    }
-    false
+    c.holds(|pointer| doc.pointer(pointer))
 }
 
 fn describe(when: &[Condition]) -> String {
-    when.iter()
-        .map(|c| {
-            let test = if let Some(v) = &c.equals {
-                format!("= {v}")
-            } else if let Some(v) = &c.not_equals {
-                format!("!= {v}")
-            } else if let Some(v) = &c.one_of {
-                format!("in {}", Value::from(v.clone()))
-            } else if let Some(e) = c.empty {
-                if e {
-                    "is empty".into()
-                } else {
-                    "is not empty".into()
-                }
-            } else if let Some(n) = c.greater_than {
-                format!("> {n}")
-            } else if let Some(n) = c.less_than {
-                format!("< {n}")
-            } else if let Some(f) = &c.greater_than_field {
-                format!("> {f}")
-            } else {
-                String::new()
-            };
-            format!("{} {test}", c.field)
-        })
-        .collect::<Vec<_>>()
-        .join(" and ")
+    when.iter().map(Condition::describe).collect::<Vec<_>>().join(" and ")
 }
 
 #[cfg(test)]

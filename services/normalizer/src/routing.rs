@@ -4,7 +4,7 @@
 //! idempotency key is per raw event). No match means "unrouted": acknowledged and counted,
 //! not dead-lettered, because a source sends many event types no agent wants.
 
-use agentbridge_config::{Config, FieldPredicate, RouteConfig};
+use agentbridge_config::{Condition, Config, RouteConfig};
 use serde_json::{Map, Value};
 
 use crate::mapping;
@@ -51,14 +51,14 @@ pub struct Route {
     pub environment: String,
     pub writeback: String,
     types: Vec<TypePattern>,
-    when: Vec<FieldPredicate>,
+    when: Vec<Condition>,
 }
 
 impl Route {
     fn matches(&self, source: &str, event_type: &str, fields: &Map<String, Value>) -> bool {
         self.source == source
             && (self.types.is_empty() || self.types.iter().any(|t| t.matches(event_type)))
-            && self.when.iter().all(|p| holds(p, fields))
+            && self.when.iter().all(|c| c.holds(|f| field(fields, f)))
     }
 }
 
@@ -113,46 +113,6 @@ fn field<'a>(fields: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
         Some(rest) => mapping::get_value(v, rest),
     }
     .filter(|v| !v.is_null())
-}
-
-/// Equality that lets a configured `10002` match a vendor's `"10002"`: YAML and vendors
-/// disagree on whether ids are numbers, and a route should not silently miss over it.
-fn loose_eq(a: &Value, b: &Value) -> bool {
-    a == b
-        || matches!((mapping::text(a), mapping::text(b)), (Some(x), Some(y)) if x == y && !a.is_array() && !b.is_array())
-}
-
-fn holds(p: &FieldPredicate, fields: &Map<String, Value>) -> bool {
-    let v = field(fields, &p.field);
-    if let Some(want) = p.exists {
-        return v.is_some() == want;
-    }
-    if let Some(expected) = &p.equals {
-        return v.is_some_and(|v| loose_eq(v, expected));
-    }
-    if let Some(options) = &p.one_of {
-        return v.is_some_and(|v| options.iter().any(|o| loose_eq(v, o)));
-    }
-    if let Some(options) = &p.not_one_of {
-        return !v.is_some_and(|v| options.iter().any(|o| loose_eq(v, o)));
-    }
-    if let Some(needle) = &p.contains {
-        return match v {
-            Some(Value::Array(items)) => items.iter().any(|i| loose_eq(i, needle)),
-            Some(Value::String(s)) => needle.as_str().is_some_and(|n| s.contains(n)),
-            _ => false,
-        };
-    }
-    if let Some(min) = p.at_least {
-        return v
-            .and_then(|v| match v {
-                Value::Number(n) => n.as_f64(),
-                Value::String(s) => s.trim().parse().ok(),
-                _ => None,
-            })
-            .is_some_and(|x| x >= min);
-    }
-    false
 }
 
 #[cfg(test)]

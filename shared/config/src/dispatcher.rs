@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::{serde_duration, Problem, Secret};
 
@@ -299,53 +298,7 @@ pub struct RiskRule {
     pub when: Vec<Condition>,
 }
 
-/// A test of one field. `field` is a JSON pointer into `{"output": ..., "input": ...}`
-/// (e.g. `/output/severity`, `/input/entitlements/active`). Exactly one test is set.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Condition {
-    /// JSON pointer starting with `/output` or `/input`.
-    pub field: String,
-    /// Holds when the field equals this value.
-    #[serde(default)]
-    pub equals: Option<Value>,
-    /// Holds when the field is absent or differs from this value.
-    #[serde(default)]
-    pub not_equals: Option<Value>,
-    /// Holds when the field equals one of these values.
-    #[serde(default)]
-    pub one_of: Option<Vec<Value>>,
-    /// `true`: holds when the field is absent, null, `""`, `[]` or `{}`; `false`: the opposite.
-    #[serde(default)]
-    pub empty: Option<bool>,
-    /// Holds when the field is a number greater than this.
-    #[serde(default)]
-    pub greater_than: Option<f64>,
-    /// Holds when the field is a number less than this.
-    #[serde(default)]
-    pub less_than: Option<f64>,
-    /// Holds when the field is a number greater than the number at this other pointer (e.g.
-    /// `/output/...` amount above `/input/approval_threshold`); not when either is missing.
-    #[serde(default)]
-    pub greater_than_field: Option<String>,
-}
-
-impl Condition {
-    fn tests(&self) -> usize {
-        [
-            self.equals.is_some(),
-            self.not_equals.is_some(),
-            self.one_of.is_some(),
-            self.empty.is_some(),
-            self.greater_than.is_some(),
-            self.less_than.is_some(),
-            self.greater_than_field.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count()
-    }
-}
+pub use crate::Condition;
 
 fn validate_conditions(key: &str, when: &[Condition], p: &mut Vec<Problem>) {
     if when.is_empty() {
@@ -359,10 +312,7 @@ fn validate_conditions(key: &str, when: &[Condition], p: &mut Vec<Problem>) {
             ));
         }
         if c.tests() != 1 {
-            p.push(Problem::new(
-                format!("{key}.when[{i}]"),
-                "set exactly one of equals, not_equals, one_of, empty, greater_than, less_than, greater_than_field",
-            ));
+            p.push(Problem::new(format!("{key}.when[{i}]"), format!("set exactly one of {}", Condition::TESTS)));
         }
     }
 }

@@ -8,6 +8,7 @@
 //! types alone cannot. Secrets ([`Secret`]) come from the file, an env var or a file reference
 //! and never appear in `Debug` output or logs.
 
+mod condition;
 pub mod dispatcher;
 mod duration;
 pub mod metering;
@@ -16,10 +17,11 @@ mod secret;
 mod sections;
 pub mod trigger;
 
+pub use condition::Condition;
 pub use duration::{parse_duration, serde_duration};
 pub use metering::{BudgetConfig, BudgetPeriod, BudgetScope, MeteringConfig, MicroCredits, PriceConfig};
 pub use pipeline::{
-    AgentConfig, AgentParameters, CoupaPollerConfig, FieldPredicate, FieldRule, IngressAuth, MappingConfig,
+    AgentConfig, AgentParameters, CoupaPollerConfig, FieldRule, IngressAuth, MappingConfig,
     NormalizerConfig, RouteConfig, SensitiveAction, SignatureEncoding, SourceConfig, SourceKind, Transform,
 };
 pub use secret::Secret;

@@ -549,7 +549,7 @@ pub struct RouteConfig {
     pub event_types: Vec<String>,
     /// Conditions on the normalized fields (before minimization); all must hold.
     #[serde(default)]
-    pub when: Vec<FieldPredicate>,
+    pub when: Vec<crate::Condition>,
     /// The agent alias (a key of `agents`).
     pub agent: String,
     /// The agent version to run (default: the agent's `version`).
@@ -569,48 +569,6 @@ pub struct RouteConfig {
     /// Where the result is written back (default: the source's name).
     #[serde(default)]
     pub writeback: Option<String>,
-}
-
-/// A condition on one normalized field. Set exactly one operator.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FieldPredicate {
-    /// The field (dots nest: `requester.email`).
-    pub field: String,
-    /// The field equals this value.
-    #[serde(default)]
-    pub equals: Option<Value>,
-    /// The field equals one of these values.
-    #[serde(default)]
-    pub one_of: Option<Vec<Value>>,
-    /// The field is missing or equals none of these values.
-    #[serde(default)]
-    pub not_one_of: Option<Vec<Value>>,
-    /// `true`: the field is present and not null; `false`: it is missing or null.
-    #[serde(default)]
-    pub exists: Option<bool>,
-    /// The field is an array containing this value, or a string containing this text.
-    #[serde(default)]
-    pub contains: Option<Value>,
-    /// The field is a number at least this large.
-    #[serde(default)]
-    pub at_least: Option<f64>,
-}
-
-impl FieldPredicate {
-    fn operators(&self) -> usize {
-        [
-            self.equals.is_some(),
-            self.one_of.is_some(),
-            self.not_one_of.is_some(),
-            self.exists.is_some(),
-            self.contains.is_some(),
-            self.at_least.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count()
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -795,11 +753,8 @@ pub(crate) fn validate_pipeline(c: &crate::Config, p: &mut Vec<Problem>) {
         }
         for (j, w) in r.when.iter().enumerate() {
             let wkey = format!("{key}.when[{j}]");
-            if w.operators() != 1 {
-                p.push(Problem::new(
-                    &wkey,
-                    "set exactly one of equals, one_of, not_one_of, exists, contains, at_least",
-                ));
+            if w.tests() != 1 {
+                p.push(Problem::new(&wkey, format!("set exactly one of {}", crate::Condition::TESTS)));
             }
             if w.field.is_empty() || w.field.split('.').any(str::is_empty) {
                 p.push(Problem::new(
