@@ -25,7 +25,7 @@ services:
 
 ## bench: the benchmark suite, each figure beside its raw baseline (see BENCHMARKS.md)
 bench: services
-	$(CARGO) bench --bench transport --bench store --bench normalize --bench callbacks --bench trigger --bench metering
+	$(CARGO) bench --bench transport --bench store --bench normalize --bench normalizer_kafka --bench callbacks --bench trigger --bench metering
 
 lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -4,7 +4,8 @@
 //! in the same run so the ratio is meaningful on any machine.
 //!
 //! Goal (issue): ≥ 100k events/s/core and ≥ 40 % of the plain parse+serialize rate.
-//! Run: `cargo bench --bench normalize` (optionally `-- <seconds per measurement>`).
+//! Run: `cargo bench --bench normalize` (optionally `-- <seconds per measurement>` and words
+//! that pick samples by name, e.g. `-- 2 coupa`).
 
 use std::hint::black_box;
 use std::path::Path;
@@ -37,11 +38,10 @@ fn rate(budget: Duration, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let budget = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse::<f64>().ok())
-        .map(Duration::from_secs_f64)
-        .unwrap_or(Duration::from_secs(5));
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let budget =
+        args.iter().find_map(|a| a.parse::<f64>().ok()).map(Duration::from_secs_f64).unwrap_or(Duration::from_secs(5));
+    let filter: Vec<&String> = args.iter().filter(|a| a.parse::<f64>().is_err()).collect();
     let text = std::fs::read_to_string(root.join("tests/fixtures/normalizer.yaml"))
         .expect("read tests/fixtures/normalizer.yaml");
     let mut config = Config::from_layers(&text, Vec::<(String, String)>::new()).expect("valid config");
@@ -57,6 +57,9 @@ fn main() {
     println!("{:<30} {:>7} {:>16} {:>16} {:>8}", "sample", "bytes", "normalize ev/s", "serde_json ev/s", "ratio");
     let mut ok = true;
     for (name, source, file) in samples {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
         let raw = std::fs::read(root.join("tests/fixtures").join(file)).expect("fixture");
         match pipeline.normalize(source, &raw, None) {
             Outcome::Normalized(_) => {}

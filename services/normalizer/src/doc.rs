@@ -8,11 +8,18 @@
 //! of reading an event; only the values an adapter picks are turned into `Value`s. Lookups
 //! scan linearly, which for vendor objects (tens of keys) is as fast as a tree. With duplicate
 //! keys the last one wins, as in `serde_json::Value`.
+//!
+//! A source whose reader declares what it reads (a [`Select`]: the Coupa adapter, `mapped`
+//! sources, mapping overrides) is parsed with [`Doc::parse_selected`]: the members it never
+//! reads are still parsed in full, so the accepted grammar and every error are exactly those
+//! of [`Doc::parse`], but nothing is built for them. Coupa invoices carry kilobytes of user,
+//! address, account and item records the adapter does not look at; not building them halves
+//! the cost of reading one.
 
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 
 /// One parsed JSON value borrowing from the raw bytes.
@@ -30,9 +37,32 @@ pub enum Doc<'a> {
 pub static NULL: Doc<'static> = Doc::Null;
 
 impl<'a> Doc<'a> {
-    /// Parses JSON bytes (the same grammar and limits as `serde_json::from_slice`).
+    /// Parses JSON bytes (the same grammar, limits and errors as `serde_json::from_slice`).
     pub fn parse(bytes: &'a [u8]) -> Result<Doc<'a>, serde_json::Error> {
-        serde_json::from_slice(bytes)
+        Self::parse_selected(bytes, &Select::All)
+    }
+
+    /// Parses JSON bytes like [`Doc::parse`] (same grammar, limits and errors) but builds only
+    /// the members `select` names; the others are absent from the result.
+    pub fn parse_selected(bytes: &'a [u8], select: &Select) -> Result<Doc<'a>, serde_json::Error> {
+        match std::str::from_utf8(bytes) {
+            // Checking the UTF-8 of the whole input at once is much cheaper than checking it
+            // string by string, which is all that parsing `&str` instead of bytes skips.
+            Ok(text) => {
+                let mut de = serde_json::Deserializer::from_str(text);
+                let doc = DocSeed { select }.deserialize(&mut de)?;
+                de.end()?;
+                Ok(doc)
+            }
+            // Not UTF-8, so not JSON: parsing the bytes finds the same first error (and names
+            // the same position) as `serde_json::from_slice` does.
+            Err(_) => {
+                let mut de = serde_json::Deserializer::from_slice(bytes);
+                let doc = DocSeed { select }.deserialize(&mut de)?;
+                de.end()?;
+                Ok(doc)
+            }
+        }
     }
 
     /// The member `key` of an object (the last one, with duplicates).
@@ -157,13 +187,101 @@ impl fmt::Display for Doc<'_> {
 
 impl<'de> Deserialize<'de> for Doc<'de> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(DocVisitor)
+        DocSeed { select: &Select::All }.deserialize(d)
     }
 }
 
-struct DocVisitor;
+/// Which parts of a document a reader looks at: everything, or some members of objects, each
+/// with what is read below it. Arrays are stepped through: a selection applies to every
+/// element, as the adapters read every line of an invoice the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Select {
+    #[default]
+    All,
+    Only(Vec<(String, Select)>),
+}
 
-impl<'de> Visitor<'de> for DocVisitor {
+impl Select {
+    /// Nothing yet; [`Select::add`] paths to it.
+    pub fn none() -> Self {
+        Select::Only(Vec::new())
+    }
+
+    /// The members read along dotted `paths` (`supplier.primary-address.country.code`); the
+    /// value at the end of a path is read whole.
+    pub fn paths<'p>(paths: impl IntoIterator<Item = &'p str>) -> Self {
+        let mut select = Select::none();
+        for path in paths {
+            select.add(path.split('.'), &Select::All);
+        }
+        select
+    }
+
+    /// Adds a path given as its segments, with what is read of the value at its end (`All`
+    /// for the whole value). A numeric segment (an array index, or an object key that looks
+    /// like one) keeps the whole value it steps into: indexing is rare and not worth pruning
+    /// around.
+    pub fn add<S: AsRef<str>>(&mut self, mut segments: impl Iterator<Item = S>, end: &Select) {
+        let Select::Only(members) = self else { return };
+        let Some(seg) = segments.next() else {
+            self.merge(end);
+            return;
+        };
+        let seg = seg.as_ref();
+        if !seg.is_empty() && seg.bytes().all(|b| b.is_ascii_digit()) {
+            *self = Select::All;
+            return;
+        }
+        let child = match members.iter().position(|(k, _)| k == seg) {
+            Some(i) => &mut members[i].1,
+            None => {
+                members.push((seg.to_string(), Select::none()));
+                let last = members.len() - 1;
+                &mut members[last].1
+            }
+        };
+        child.add(segments, end);
+    }
+
+    /// Everything `other` reads, added to this selection.
+    pub fn merge(&mut self, other: &Select) {
+        match (&mut *self, other) {
+            (Select::All, _) => {}
+            (_, Select::All) => *self = Select::All,
+            (Select::Only(mine), Select::Only(theirs)) => {
+                for (key, sub) in theirs {
+                    match mine.iter_mut().find(|(k, _)| k == key) {
+                        Some((_, existing)) => existing.merge(sub),
+                        None => mine.push((key.clone(), sub.clone())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// What is read below member `key`; `None` when it is not read at all.
+    fn member(&self, key: &str) -> Option<&Select> {
+        match self {
+            Select::All => Some(self),
+            Select::Only(members) => members.iter().find(|(k, _)| k == key).map(|(_, s)| s),
+        }
+    }
+}
+
+/// Parses a value, building what `select` names.
+struct DocSeed<'s> {
+    select: &'s Select,
+}
+
+impl<'de> DeserializeSeed<'de> for DocSeed<'_> {
+    type Value = Doc<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Doc<'de>, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for DocSeed<'_> {
     type Value = Doc<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -199,7 +317,7 @@ impl<'de> Visitor<'de> for DocVisitor {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Doc<'de>, A::Error> {
         // serde_json gives no size hints; a small start saves the first reallocations.
         let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(4).min(64));
-        while let Some(item) = seq.next_element()? {
+        while let Some(item) = seq.next_element_seed(DocSeed { select: self.select })? {
             items.push(item);
         }
         Ok(Doc::Array(items))
@@ -207,10 +325,68 @@ impl<'de> Visitor<'de> for DocVisitor {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Doc<'de>, A::Error> {
         let mut members = Vec::with_capacity(map.size_hint().unwrap_or(16).min(64));
         while let Some(key) = map.next_key::<Key<'de>>()? {
-            let value = map.next_value()?;
-            members.push((key.0, value));
+            match self.select.member(&key.0) {
+                Some(select) => {
+                    let value = map.next_value_seed(DocSeed { select })?;
+                    members.push((key.0, value));
+                }
+                None => map.next_value_seed(Skip)?,
+            }
         }
         Ok(Doc::Object(members))
+    }
+}
+
+/// Parses a value the reader does not look at, fully (so it is accepted or refused exactly as
+/// when it is built: strings are decoded, escapes and numbers checked), building nothing.
+struct Skip;
+
+impl<'de> DeserializeSeed<'de> for Skip {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Skip {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        // As in `Doc`: the one number a built value would refuse.
+        if v.is_finite() {
+            Ok(())
+        } else {
+            Err(E::custom("not a finite number"))
+        }
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Skip)?.is_some() {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key_seed(Skip)?.is_some() {
+            map.next_value_seed(Skip)?;
+        }
+        Ok(())
     }
 }
 
@@ -259,5 +435,24 @@ mod tests {
         );
         assert!(Doc::parse(b"{").is_err());
         assert!(Doc::parse(b"[1,]").is_err());
+    }
+
+    #[test]
+    fn errors_are_serde_json_errors() {
+        let cases: &[&[u8]] = &[
+            b"{",
+            b"[1,]",
+            b"{\"a\": \"\xff\"}",
+            b"{\"a\": 1} \xff",
+            b"\xff{\"a\": 1}",
+            b"{\"a\": \"\\ud800\"}",
+            b"{\"a\": \"tab\there\"}",
+            b"[1e999]",
+        ];
+        for raw in cases {
+            let ours = Doc::parse(raw).expect_err("invalid").to_string();
+            let theirs = serde_json::from_slice::<Value>(raw).expect_err("invalid").to_string();
+            assert_eq!(ours, theirs, "{}", String::from_utf8_lossy(raw));
+        }
     }
 }

@@ -16,7 +16,7 @@ use chrono::{DateTime, NaiveDateTime, SecondsFormat, TimeZone, Utc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
-use crate::doc::Doc;
+use crate::doc::{Doc, Select};
 
 /// One step of a compiled path.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,6 +40,15 @@ impl Path {
         match self {
             Path::Pointer(p) => doc.pointer(p),
             Path::Dotted(segments) => segments.iter().try_fold(doc, |node, seg| node.step(seg)),
+        }
+    }
+
+    /// Adds this path to a selection, with `end` read of the value it reaches.
+    fn select(&self, into: &mut Select, end: &Select) {
+        match self {
+            Path::Dotted(segments) => into.add(segments.iter(), end),
+            Path::Pointer(p) if p.is_empty() => into.merge(&Select::All),
+            Path::Pointer(p) => into.add(p.split('/').skip(1).map(|t| t.replace("~1", "/").replace("~0", "~")), end),
         }
     }
 }
@@ -166,7 +175,12 @@ impl Decimal {
     pub fn from_doc(v: &Doc) -> Option<Decimal> {
         match v {
             Doc::String(s) => Self::parse(s.trim()),
-            Doc::Number(n) => Self::parse(&n.to_string()),
+            // Integers directly (what parsing their text gives), without writing them out.
+            Doc::Number(n) => match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => Some(Decimal { mantissa: i128::from(i), scale: 0 }),
+                (None, Some(u)) => Some(Decimal { mantissa: i128::from(u), scale: 0 }),
+                (None, None) => Self::parse(&n.to_string()),
+            },
             _ => None,
         }
     }
@@ -222,8 +236,31 @@ impl Decimal {
         }
     }
 
-    /// As a JSON number (integral values as integers).
+    /// As a JSON number (integral values as integers): [`number_from_text`] of
+    /// [`Decimal::to_text`], computed without the text in the common cases.
     pub fn to_json(self) -> Option<Value> {
+        /// The powers of ten a double holds exactly.
+        const EXACT_POWERS: [f64; 23] = [
+            1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
+            1e19, 1e20, 1e21, 1e22,
+        ];
+        let (mut mantissa, mut scale) = (self.mantissa, self.scale);
+        while scale > 0 && mantissa % 10 == 0 {
+            mantissa /= 10;
+            scale -= 1;
+        }
+        if scale == 0 {
+            if let Ok(i) = i64::try_from(mantissa) {
+                return Some(Value::from(i));
+            }
+        } else if mantissa.unsigned_abs() < 1 << 53 {
+            if let Some(power) = EXACT_POWERS.get(scale as usize) {
+                // Both operands are exact doubles, so the one correctly rounded division gives
+                // the double nearest the decimal: what parsing its text gives (Clinger's fast
+                // path of float parsing).
+                return serde_json::Number::from_f64(mantissa as f64 / power).map(Value::Number);
+            }
+        }
         number_from_text(&self.to_text())
     }
 
@@ -250,7 +287,13 @@ pub fn sha256_hex(v: &Value) -> String {
         Value::String(s) => h.update(s.as_bytes()),
         other => h.update(other.to_string().as_bytes()),
     }
-    hex::encode(h.finalize())
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in h.finalize() {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 /// Why a mapping rule failed; names the configuration key of the rule.
@@ -367,6 +410,27 @@ impl CompiledRule {
             Some(v) => Ok(Some(v)),
             None if self.required => Err(MappingError::Missing { key: self.key.clone(), what: self.describe_read() }),
             None => Ok(None),
+        }
+    }
+
+    /// Adds what the rule reads of a raw document to `into`.
+    pub fn select(&self, into: &mut Select) {
+        if !self.each.is_empty() {
+            // `each` reads its sub-rules from every element of the array at `path`.
+            let mut elements = Select::none();
+            for (_, rule) in &self.each {
+                rule.select(&mut elements);
+            }
+            if let Read::Path(p, _) = &self.read {
+                p.select(into, &elements);
+            }
+            return;
+        }
+        match &self.read {
+            Read::Path(p, _) => p.select(into, &Select::All),
+            Read::FirstOf(paths) => paths.iter().for_each(|(p, _)| p.select(into, &Select::All)),
+            Read::Join(paths, _) => paths.iter().for_each(|p| p.select(into, &Select::All)),
+            Read::Const(_) => {}
         }
     }
 
@@ -507,6 +571,19 @@ impl CompiledMapping {
         self.fields.is_empty() && self.source_fields.is_empty()
     }
 
+    /// What the rules read of a raw document (identity rules included).
+    pub fn select(&self) -> Select {
+        let mut select = Select::none();
+        let identity = [&self.event_id, &self.event_type, &self.entity_type, &self.entity_id, &self.time];
+        for rule in identity.into_iter().flatten() {
+            rule.select(&mut select);
+        }
+        for (_, rule) in self.fields.iter().chain(&self.source_fields) {
+            rule.select(&mut select);
+        }
+        select
+    }
+
     /// Evaluates the field and source-field rules into `fields` / `source_ids` (adding or
     /// replacing).
     pub fn apply_fields(
@@ -614,6 +691,10 @@ mod tests {
         assert_eq!(Decimal::parse("1e5"), None);
         assert_eq!(Decimal::parse("."), None);
         assert_eq!(Decimal::parse("0.05").map(|d| d.to_text()), Some("0.05".into()));
+        for d in [Decimal::parse("-0.50"), Decimal::parse("100.000"), Decimal::from_doc(&Doc::Number((-7).into()))] {
+            let d = d.expect("decimal");
+            assert_eq!(d.to_json(), number_from_text(&d.to_text()));
+        }
     }
 
     #[test]
@@ -635,5 +716,21 @@ mod tests {
         assert_eq!(t(json!(1614265330)).as_deref(), Some("2021-02-25T15:02:10Z"));
         assert_eq!(t(json!(1614265330123_i64)).as_deref(), Some("2021-02-25T15:02:10.123Z"));
         assert_eq!(t(json!("yesterday")), None);
+    }
+
+    #[test]
+    fn decimal_to_json_is_the_number_of_its_text() {
+        // A deterministic spread of mantissas (every magnitude up to 36 digits) and scales.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for i in 0..20_000u32 {
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            let digits = (i % 37) as usize;
+            let text: String = format!("{x:020}{:020}", x.rotate_left(17)).chars().take(digits.max(1)).collect();
+            let scale = (x >> 58) as usize % (digits + 2);
+            let (int, frac) = text.split_at(text.len().saturating_sub(scale).min(text.len()));
+            let sign = if x & 1 == 0 { "-" } else { "" };
+            let d = Decimal::parse(&format!("{sign}{int}.{frac}")).expect("decimal");
+            assert_eq!(d.to_json(), number_from_text(&d.to_text()), "{sign}{int}.{frac}");
+        }
     }
 }

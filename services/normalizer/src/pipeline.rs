@@ -13,7 +13,7 @@ use agentbridge_contracts::{idempotency_key, Envelope, TraceParent};
 use serde_json::{Map, Value};
 
 use crate::adapters::{Adapter, SourceEvent};
-use crate::doc::Doc;
+use crate::doc::{Doc, Select};
 use crate::error::{BuildError, Reason, Rejection};
 use crate::mapping::CompiledMapping;
 use crate::routing::{Route, Router};
@@ -69,6 +69,21 @@ struct SourceRuntime {
     adapter: Adapter,
     /// `mapping.fields` / `mapping.source_fields`, applied after the adapter.
     overrides: CompiledMapping,
+    /// What the adapter and the overrides read of a raw event; the rest is parsed, not built.
+    select: Select,
+    /// The CloudEvent `source` of its events, `agentbridge/normalizer/<source>`.
+    ce_source: String,
+}
+
+impl SourceRuntime {
+    /// The adapter, then the mapping overrides.
+    fn read(&self, doc: &Doc) -> Result<SourceEvent, Rejection> {
+        let mut event = self.adapter.extract(doc)?;
+        self.overrides
+            .apply_fields(doc, &mut event.fields, &mut event.source_ids)
+            .map_err(|e| Rejection::new(Reason::MappingFailed, e.to_string()))?;
+        Ok(event)
+    }
 }
 
 #[derive(Debug)]
@@ -102,7 +117,10 @@ impl Pipeline {
                 SourceKind::Coupa => Adapter::Coupa,
                 SourceKind::Mapped => Adapter::Mapped(Box::new(overrides.clone())),
             };
-            sources.insert(name.clone(), SourceRuntime { kind: s.kind, adapter, overrides });
+            let mut select = adapter.select();
+            select.merge(&overrides.select());
+            let ce_source = format!("agentbridge/normalizer/{name}");
+            sources.insert(name.clone(), SourceRuntime { kind: s.kind, adapter, overrides, select, ce_source });
         }
         let mut agents = BTreeMap::new();
         for (name, a) in &config.agents {
@@ -152,11 +170,16 @@ impl Pipeline {
             .sources
             .get(source)
             .ok_or_else(|| Rejection::new(Reason::UnknownSource, format!("source `{source}` is not configured")))?;
-        let doc = Doc::parse(raw).map_err(|e| Rejection::new(Reason::JsonMalformed, e.to_string()))?;
-        let mut event = rt.adapter.extract(&doc)?;
-        rt.overrides
-            .apply_fields(&doc, &mut event.fields, &mut event.source_ids)
-            .map_err(|e| Rejection::new(Reason::MappingFailed, e.to_string()))?;
+        let malformed = |e: serde_json::Error| Rejection::new(Reason::JsonMalformed, e.to_string());
+        let doc = Doc::parse_selected(raw, &rt.select).map_err(malformed)?;
+        let event = match rt.read(&doc) {
+            Ok(event) => event,
+            // A rejection may quote a whole offending value, of which the selected document
+            // has only the parts the adapter reads: read the full document for the very same
+            // rejection (dead letters are rare, so parsing twice costs nothing that matters).
+            Err(_) if rt.select != Select::All => rt.read(&Doc::parse(raw).map_err(malformed)?)?,
+            Err(rejection) => return Err(rejection),
+        };
         let key = idempotency_key(source, &event.event_id);
         let Some(route) = self.router.route(source, &event.event_type, &event.fields) else {
             return Ok(Outcome::Unrouted(Unrouted { key, event_id: event.event_id, event_type: event.event_type }));
@@ -190,14 +213,10 @@ impl Pipeline {
         data.insert("input".into(), input);
         data.insert("source".into(), Value::Object(source_block));
 
-        let mut envelope = Envelope::new(
-            key.clone(),
-            format!("agentbridge/normalizer/{source}"),
-            format!("{source}.{event_type}"),
-            Value::Object(data),
-        );
+        let mut envelope =
+            Envelope::new(key.clone(), rt.ce_source.clone(), join(source, '.', &event_type), Value::Object(data));
         envelope.time = time;
-        envelope.subject = Some(format!("{entity_type}/{entity_id}"));
+        envelope.subject = Some(join(&entity_type, '/', &entity_id));
         envelope.dataschema = agent.schema.id.clone();
         stamp(&mut envelope, route, &key, &event_id, traceparent);
         let bytes = envelope.to_vec();
@@ -210,6 +229,15 @@ impl Pipeline {
             bytes,
         })))
     }
+}
+
+/// `a<sep>b` without the formatting machinery (on every event).
+fn join(a: &str, sep: char, b: &str) -> String {
+    let mut s = String::with_capacity(a.len() + 1 + b.len());
+    s.push_str(a);
+    s.push(sep);
+    s.push_str(b);
+    s
 }
 
 /// Puts the agent's parameters into the fields (minimization drops the ones its schema does
@@ -261,7 +289,11 @@ pub fn derive_traceparent(key: &str, incoming: Option<&str>) -> String {
         && &key[..32] != "00000000000000000000000000000000"
         && &key[32..48] != "0000000000000000"
     {
-        return format!("00-{}-{}-01", &key[..32], &key[32..48]);
+        let mut tp = String::with_capacity(55);
+        for part in ["00-", &key[..32], "-", &key[32..48], "-01"] {
+            tp.push_str(part);
+        }
+        return tp;
     }
     let mut from_key = [0u8; 32];
     if hex::decode_to_slice(key.get(..64).unwrap_or_default(), &mut from_key).is_err() {
@@ -317,5 +349,154 @@ mod tests {
         f.insert("amount".into(), Value::from(10_000));
         apply_parameters(&p, &mut f);
         assert_eq!(f["requires_sox_review"], Value::Bool(true));
+    }
+}
+
+/// Selective parsing must never change an outcome: every source normalized with its selection
+/// gives the same bytes, the same rejection (reason and detail) and the same unrouted answer as
+/// reading the whole document, on the vendor samples and on thousands of variants of them
+/// (every member removed, every value replaced by values of each JSON type).
+#[cfg(test)]
+mod selection_tests {
+    use std::path::Path;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn pipelines() -> (Pipeline, Pipeline) {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let text = std::fs::read_to_string(root.join("tests/fixtures/normalizer.yaml")).expect("test config");
+        let mut config = Config::from_layers(&text, Vec::<(String, String)>::new()).expect("valid config");
+        config.schemas_dir = root.join("schemas");
+        let selective = Pipeline::from_config(&config).expect("pipeline");
+        let mut whole = Pipeline::from_config(&config).expect("pipeline");
+        for rt in whole.sources.values_mut() {
+            rt.select = Select::All;
+        }
+        (selective, whole)
+    }
+
+    fn fixture(name: &str) -> Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name);
+        serde_json::from_slice(&std::fs::read(path).expect("fixture")).expect("json")
+    }
+
+    /// Every value of `v` (by JSON pointer), the root excluded.
+    fn pointers(v: &Value, at: String, out: &mut Vec<String>) {
+        let children: Vec<(String, &Value)> = match v {
+            Value::Object(m) => m.iter().map(|(k, c)| (k.replace('~', "~0").replace('/', "~1"), c)).collect(),
+            Value::Array(a) => a.iter().enumerate().map(|(i, c)| (i.to_string(), c)).collect(),
+            _ => return,
+        };
+        for (token, child) in children {
+            let p = format!("{at}/{token}");
+            out.push(p.clone());
+            pointers(child, p, out);
+        }
+    }
+
+    fn variants(base: &Value) -> Vec<Value> {
+        let replacements = [
+            json!(null),
+            json!(""),
+            json!("x"),
+            json!("12.50"),
+            json!(7),
+            json!(-2.5),
+            json!(true),
+            json!([]),
+            json!(["a", 1]),
+            json!([{"total": "1", "code": "c"}]),
+            json!({}),
+            json!({"code": "c", "name": "n", "id": 3, "value": "v"}),
+        ];
+        let mut ptrs = Vec::new();
+        pointers(base, String::new(), &mut ptrs);
+        let mut out = vec![base.clone()];
+        for p in &ptrs {
+            let (parent, last) = p.rsplit_once('/').expect("pointer");
+            let mut removed = base.clone();
+            match removed.pointer_mut(parent) {
+                Some(Value::Object(m)) => {
+                    m.remove(&last.replace("~1", "/").replace("~0", "~"));
+                }
+                Some(Value::Array(a)) => {
+                    a.remove(last.parse::<usize>().expect("index"));
+                }
+                _ => unreachable!("pointers lead to containers"),
+            }
+            out.push(removed);
+            for r in &replacements {
+                let mut v = base.clone();
+                *v.pointer_mut(p).expect("pointer") = r.clone();
+                out.push(v);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn selective_parsing_never_changes_an_outcome() {
+        let (selective, whole) = pipelines();
+        assert_ne!(selective.sources["coupa"].select, Select::All, "coupa is parsed selectively");
+        assert_ne!(selective.sources["coupa-csp"].select, Select::All, "mapped sources are parsed selectively");
+        let cases = [
+            ("coupa", "coupa-invoice-get-single.json"),
+            ("coupa", "coupa-csp-invoice.json"),
+            ("coupa-csp", "coupa-csp-invoice.json"),
+            ("coupa-csp", "coupa-invoice-get-single.json"),
+        ];
+        let mut normalized = 0;
+        let mut checked = 0;
+        for (source, file) in cases {
+            for v in variants(&fixture(file)) {
+                let raw = serde_json::to_vec(&v).expect("bytes");
+                let (a, b) = (selective.normalize(source, &raw, None), whole.normalize(source, &raw, None));
+                assert_eq!(a, b, "{source} {}", String::from_utf8_lossy(&raw));
+                // Every field the adapter and overrides produce, also those no schema keeps.
+                let rt = &selective.sources[source];
+                let doc = Doc::parse_selected(&raw, &rt.select).expect("json");
+                match (rt.read(&doc), rt.read(&Doc::parse(&raw).expect("json"))) {
+                    (Ok(a), Ok(b)) => assert_eq!(a, b, "{source} {}", String::from_utf8_lossy(&raw)),
+                    (Ok(_), Err(r)) => panic!("{source}: read selectively despite {r:?}"),
+                    // Rejections are read again from the whole document.
+                    (Err(_), _) => {}
+                }
+                normalized += usize::from(matches!(a, Outcome::Normalized(_)));
+                checked += 1;
+            }
+        }
+        assert!(checked > 2000 && normalized > checked / 3, "{normalized} of {checked} variants normalized");
+    }
+
+    #[test]
+    fn selections_follow_the_paths_read() {
+        let s = Select::paths(["a.b", "a.c.d", "e", "f.0.g", "a.b.x"]);
+        let expected = Select::Only(vec![
+            (
+                "a".into(),
+                Select::Only(vec![
+                    ("b".into(), Select::All),
+                    ("c".into(), Select::Only(vec![("d".into(), Select::All)])),
+                ]),
+            ),
+            ("e".into(), Select::All),
+            ("f".into(), Select::All),
+        ]);
+        assert_eq!(s, expected);
+        let raw = br#"{"a": {"b": [1, {"z": 2}], "c": [{"d": 3, "q": 4}], "y": 5}, "e": {"k": [6]}, "f": [{"h": 7}], "w": "\u00e9"}"#;
+        let doc = Doc::parse_selected(raw, &s).expect("parses");
+        let kept: Value =
+            serde_json::from_str(r#"{"a": {"b": [1, {"z": 2}], "c": [{"d": 3}]}, "e": {"k": [6]}, "f": [{"h": 7}]}"#)
+                .expect("json");
+        assert_eq!(doc.to_value(), kept);
+        // What is not built is still parsed: the same errors as a whole parse.
+        for bad in [&br#"{"w": "\ud800", "e": 1}"#[..], br#"{"w": [1,], "e": 1}"#, br#"{"w": 1e999}"#] {
+            assert_eq!(
+                Doc::parse_selected(bad, &s).expect_err("invalid").to_string(),
+                Doc::parse(bad).expect_err("invalid").to_string()
+            );
+        }
     }
 }

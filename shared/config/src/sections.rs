@@ -152,9 +152,9 @@ pub struct KafkaConfig {
     /// Create missing topics at startup (admin API). Off where topics are managed elsewhere.
     #[serde(default = "yes")]
     pub create_topics: bool,
-    /// Messages a Kafka subscription fetches ahead of its consumer. Larger than
-    /// `transport.prefetch` because pausing a partition for back-pressure makes librdkafka
-    /// drop and re-fetch what it had prefetched.
+    /// Messages a Kafka subscription reads ahead of its consumer (in its hand-off channel; as
+    /// many again are held, and librdkafka's own prefetch is capped at this many). Larger than
+    /// `transport.prefetch`: a consumer catching up a backlog keeps it full.
     #[serde(default = "default_read_ahead")]
     pub read_ahead: usize,
     /// Extra librdkafka properties (e.g. `security.protocol`, `sasl.username`); values are

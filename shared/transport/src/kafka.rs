@@ -40,8 +40,15 @@
 //!   together are handed out by record timestamp, i.e. roughly in publish order, instead of
 //!   partition by partition; across fetches there is no order.
 //! - **Read-ahead** is bounded: a polling thread feeds a channel of `transport.kafka.read_ahead`
-//!   deliveries; when it is full the thread pauses its partitions and keeps polling, so a slow
-//!   consumer back-pressures the fetch without missing heartbeats or rebalances.
+//!   deliveries and holds up to as many more. While both are full it stops taking messages
+//!   from librdkafka, whose own prefetch stops at `read_ahead` queued messages
+//!   (`queued.min.messages`; the fetch in flight may add one response), so a consumer that is
+//!   merely busy (catching up a backlog) is back-pressured without its fetches ever stopping.
+//!   Only when they stay full for a while (a slow consumer; [`BACKPRESSURE_GRACE`], at most a
+//!   quarter of `max_poll_interval`) does it pause its partitions and go back to polling, so it
+//!   never misses a rebalance or `max.poll.interval.ms`. Pausing is kept for that case because
+//!   resuming is slow: librdkafka fetches a resumed partition only when its broker thread next
+//!   wakes up, up to a second later when all its partitions were paused.
 //! - **Leaving**: dropping a subscription stops its poller, commits the stored offsets
 //!   synchronously and closes the consumer (leaving the group, so it rebalances now rather
 //!   than after the session timeout). The drop waits for this up to
@@ -65,6 +72,8 @@
 //! - Header values are read as UTF-8 (lossily); a header without a value is skipped.
 //! - A member that leaves its read-ahead full keeps its partitions paused (it stays in the
 //!   group, its partitions do not move to idle members).
+//! - While the read-ahead is full and not yet paused (up to [`BACKPRESSURE_GRACE`]), the
+//!   consumer does not poll, so a rebalance waits that long for this member.
 //! - With `create_topics: false` the topics, including every group's retry topic and
 //!   `dlq.transport`, must be created by whoever manages the cluster.
 
@@ -98,6 +107,15 @@ const POLL: Duration = Duration::from_millis(100);
 /// Poll interval while fetching is paused for back-pressure: short, because room in the
 /// read-ahead channel is noticed only between polls.
 const BACKPRESSURE_POLL: Duration = Duration::from_millis(20);
+/// How often a poller whose read-ahead is full looks for room in the channel.
+const FULL_WAIT: Duration = Duration::from_millis(2);
+/// How long the read-ahead may stay full before the poller pauses its partitions (capped at
+/// a quarter of `max_poll_interval`): longer than a busy consumer needs to make room, short
+/// enough that rebalances are not held up for long.
+pub const BACKPRESSURE_GRACE: Duration = Duration::from_secs(1);
+/// How soon librdkafka fetches again once its prefetch queue has room (its default, 1 s, would
+/// stall a consumer that drains the read-ahead faster than that).
+const FETCH_QUEUE_BACKOFF_MS: &str = "20";
 /// How long the poller waits for the rest of a fetch response once a message arrived.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -361,6 +379,16 @@ impl Transport for KafkaTransport {
         let group_id = format!("{}{group}", self.inner.topics.prefix());
         let k = &self.inner.config.kafka;
         let mut c = base_config(&self.inner.config);
+        // librdkafka's own prefetch, the third stage of the read-ahead (see the module docs);
+        // defaults, which `transport.kafka.properties` may override.
+        let read_ahead = self.inner.config.kafka.read_ahead.max(1);
+        for (name, value) in
+            [("queued.min.messages", read_ahead.to_string()), ("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.into())]
+        {
+            if !k.properties.contains_key(name) {
+                c.set(name, value);
+            }
+        }
         c.set("group.id", &group_id)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", AUTO_COMMIT_INTERVAL_MS)
@@ -402,9 +430,12 @@ impl Transport for KafkaTransport {
             tx,
             runtime: tokio::runtime::Handle::current(),
             held: VecDeque::new(),
+            full_since: None,
+            grace: BACKPRESSURE_GRACE.min(k.max_poll_interval / 4),
             paused: false,
             assignments: assigned.clone(),
             seen_assignments: 0,
+            names: HashSet::new(),
         };
         std::thread::Builder::new()
             .name("kafka-consumer".into())
@@ -519,7 +550,7 @@ impl ConsumerContext for ConsumerCtx {
 
 /// What the poller hands to `Subscription::next`.
 enum Item {
-    Delivery { delivery: Box<Delivery>, topic: String, partition: i32, generation: u64 },
+    Delivery { delivery: Box<Delivery>, topic: Arc<str>, partition: i32, generation: u64 },
     Failed(TransportError),
 }
 
@@ -531,11 +562,18 @@ struct Poller {
     inner: Arc<Inner>,
     tx: mpsc::Sender<Item>,
     runtime: tokio::runtime::Handle,
-    /// Deliveries polled while the channel was full, oldest first.
+    /// Deliveries polled while the channel was full, oldest first; at most the channel's size.
     held: VecDeque<Item>,
+    /// Since when `held` is full (nothing more is taken from librdkafka meanwhile).
+    full_since: Option<std::time::Instant>,
+    /// How long `held` may stay full before the partitions are paused.
+    grace: Duration,
     paused: bool,
     assignments: watch::Receiver<u64>,
     seen_assignments: u64,
+    /// The Kafka topic names seen, shared by every delivery's settle handle instead of a copy
+    /// per message.
+    names: HashSet<Arc<str>>,
 }
 
 impl Poller {
@@ -547,7 +585,19 @@ impl Poller {
             if !self.flush_held() {
                 break;
             }
+            let capacity = self.tx.max_capacity().max(1);
+            if self.held.len() < capacity {
+                self.full_since = None;
+            } else if self.full_since.is_none() {
+                self.full_since = Some(std::time::Instant::now());
+            }
             self.sync_pause();
+            if self.full_since.is_some() && !self.paused {
+                // Busy, not stuck: leave the rest in librdkafka's queue, which keeps fetching
+                // up to its own cap, and look for room again in a moment.
+                std::thread::sleep(FULL_WAIT);
+                continue;
+            }
             let timeout = if self.paused || !self.held.is_empty() { BACKPRESSURE_POLL } else { POLL };
             let consumer = self.consumer.clone();
             let mut failure = None;
@@ -559,7 +609,7 @@ impl Poller {
                     // after the other: take what arrived together (waiting a moment for the
                     // rest) and hand it out in publish order rather than partition order.
                     let mut batch = vec![self.prepare(&m, 0)];
-                    let limit = self.tx.max_capacity().max(1);
+                    let limit = capacity.saturating_sub(self.held.len()).max(1);
                     while batch.len() < limit {
                         match consumer.poll(BATCH_WINDOW) {
                             Some(Ok(m)) => batch.push(self.prepare(&m, batch.len())),
@@ -621,13 +671,15 @@ impl Poller {
         true
     }
 
-    /// Pauses fetching while deliveries wait for room, resumes once the channel is half empty
-    /// (resuming at the first free slot would refetch, and drop, a batch per delivery).
-    /// librdkafka rewinds a paused partition to the last message it returned, so nothing
-    /// fetched meanwhile is lost. Re-applied after every assignment, since new partitions
-    /// start unpaused.
+    /// Pauses fetching once the read-ahead has stayed full for the grace period, resumes once
+    /// nothing is held and the channel is half empty (resuming at the first free slot would
+    /// refetch, and drop, a batch per delivery). librdkafka rewinds a paused partition to the
+    /// last message it returned, so nothing fetched meanwhile is lost. Re-applied after every
+    /// assignment, since new partitions start unpaused.
     fn sync_pause(&mut self) {
-        let want = !self.held.is_empty() || (self.paused && self.tx.capacity() < self.tx.max_capacity().div_ceil(2));
+        let stuck = self.full_since.is_some_and(|since| since.elapsed() >= self.grace);
+        let drained = self.held.is_empty() && self.tx.capacity() >= self.tx.max_capacity().div_ceil(2);
+        let want = stuck || (self.paused && !drained);
         let assignments = *self.assignments.borrow();
         if want == self.paused && assignments == self.seen_assignments {
             return;
@@ -652,18 +704,25 @@ impl Poller {
     }
 
     /// Tracks a polled message and turns it into a delivery; `arrival` orders ties.
-    fn prepare(&self, m: &BorrowedMessage<'_>, arrival: usize) -> Prepared {
-        let kafka_topic = m.topic().to_string();
+    fn prepare(&mut self, m: &BorrowedMessage<'_>, arrival: usize) -> Prepared {
+        let kafka_topic = match self.names.get(m.topic()) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(m.topic());
+                self.names.insert(name.clone());
+                name
+            }
+        };
         let (partition, offset) = (m.partition(), m.offset());
         let generation = lock(&self.sub.tracker).track(&kafka_topic, partition, offset);
         let mut headers = headers_of(m);
-        let from_retry = kafka_topic == self.sub.retry_topic;
+        let from_retry = *kafka_topic == *self.sub.retry_topic;
         let (topic, due) = if from_retry {
-            let topic = headers.remove(HEADER_TOPIC).unwrap_or_else(|| kafka_topic.clone());
+            let topic = headers.remove(HEADER_TOPIC).unwrap_or_else(|| kafka_topic.to_string());
             let due = headers.remove(HEADER_NOT_BEFORE).and_then(|v| v.parse::<i64>().ok());
             (topic, due)
         } else {
-            (kafka_topic.clone(), None)
+            (kafka_topic.to_string(), None)
         };
         let key = m.key().map(|k| String::from_utf8_lossy(k).into_owned());
         tracing::debug!(group = %self.sub.group, topic = %kafka_topic, partition, offset, "received");
@@ -674,7 +733,7 @@ impl Poller {
                 transport: BACKEND.into(),
                 topic: topic.clone(),
                 // Partition and offset point into the retry topic for a retried message.
-                queue: from_retry.then(|| kafka_topic.clone()),
+                queue: from_retry.then(|| kafka_topic.to_string()),
                 partition: Some(partition),
                 offset: Some(offset),
                 key: key.clone(),
@@ -753,10 +812,12 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn source(&self) -> (&str, i32) {
+    /// The lane of the message: its partition, then its Kafka topic (partition first, so
+    /// most comparisons stop before the names).
+    fn source(&self) -> (i32, &str) {
         match &self.item {
-            Item::Delivery { topic, partition, .. } => (topic.as_str(), *partition),
-            Item::Failed(_) => ("", self.partition),
+            Item::Delivery { topic, partition, .. } => (*partition, topic),
+            Item::Failed(_) => (self.partition, ""),
         }
     }
 }
@@ -840,7 +901,7 @@ struct KafkaSettle {
     inner: Arc<Inner>,
     sub: Arc<SubShared>,
     /// The Kafka topic the message was read from (the retry topic for a retried one).
-    topic: String,
+    topic: Arc<str>,
     partition: i32,
     offset: i64,
     generation: u64,
@@ -937,9 +998,12 @@ impl Settle for KafkaSettle {
 /// Every assignment of a partition gets a new generation; acks carry the generation they were
 /// delivered under, so an ack arriving after its partition was revoked (and perhaps assigned
 /// back, resuming from the committed offset) cannot move the new assignment's mark.
+///
+/// Keyed by topic, then partition, so the per-message lookups (track, ack, is_current) borrow
+/// the topic name instead of allocating a key.
 #[derive(Default)]
 struct OffsetTracker {
-    partitions: HashMap<(String, i32), PartitionTrack>,
+    topics: HashMap<String, HashMap<i32, PartitionTrack>>,
     next_generation: u64,
 }
 
@@ -959,39 +1023,58 @@ impl OffsetTracker {
         PartitionTrack { generation: self.next_generation, outstanding: BTreeSet::new(), acked_end: None, stored: None }
     }
 
+    fn get(&self, topic: &str, partition: i32) -> Option<&PartitionTrack> {
+        self.topics.get(topic)?.get(&partition)
+    }
+
+    fn get_mut(&mut self, topic: &str, partition: i32) -> Option<&mut PartitionTrack> {
+        self.topics.get_mut(topic)?.get_mut(&partition)
+    }
+
+    /// Starts a new generation of the partition, forgetting what the previous one tracked.
     fn assign(&mut self, topic: &str, partition: i32) -> u64 {
         let track = self.new_track();
         let generation = track.generation;
-        self.partitions.insert((topic.to_string(), partition), track);
+        match self.topics.get_mut(topic) {
+            Some(partitions) => {
+                partitions.insert(partition, track);
+            }
+            None => {
+                self.topics.insert(topic.to_string(), HashMap::from([(partition, track)]));
+            }
+        }
         generation
     }
 
     fn revoke(&mut self, topic: &str, partition: i32) {
-        self.partitions.remove(&(topic.to_string(), partition));
+        if let Some(partitions) = self.topics.get_mut(topic) {
+            partitions.remove(&partition);
+            if partitions.is_empty() {
+                self.topics.remove(topic);
+            }
+        }
     }
 
     /// Records a delivered offset; returns the generation to ack it under.
     fn track(&mut self, topic: &str, partition: i32, offset: i64) -> u64 {
-        let id = (topic.to_string(), partition);
-        if !self.partitions.contains_key(&id) {
+        if self.get(topic, partition).is_none() {
             // librdkafka assigns before it fetches, so this is defensive.
-            let track = self.new_track();
-            self.partitions.insert(id.clone(), track);
+            self.assign(topic, partition);
         }
-        let Some(t) = self.partitions.get_mut(&id) else { return 0 };
+        let Some(t) = self.get_mut(topic, partition) else { return 0 };
         t.outstanding.insert(offset);
         t.stored.get_or_insert(offset);
         t.generation
     }
 
     fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
-        self.partitions.get(&(topic.to_string(), partition)).is_some_and(|t| t.generation == generation)
+        self.get(topic, partition).is_some_and(|t| t.generation == generation)
     }
 
     /// Marks an offset done; returns the offset to store (where the group resumes) when it
     /// advanced.
     fn ack(&mut self, topic: &str, partition: i32, generation: u64, offset: i64) -> Option<i64> {
-        let t = self.partitions.get_mut(&(topic.to_string(), partition))?;
+        let t = self.get_mut(topic, partition)?;
         if t.generation != generation || !t.outstanding.remove(&offset) {
             return None;
         }

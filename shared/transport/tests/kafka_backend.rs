@@ -149,3 +149,35 @@ async fn connect_fails_when_no_broker_answers() {
         Ok(_) => panic!("connected to nothing"),
     }
 }
+
+/// A consumer working through a backlog fills its read-ahead over and over. If that paused the
+/// partitions, every resume would wait for librdkafka's broker thread to wake up on its own (up
+/// to a second), and the consumer would sit idle with work waiting in the topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_consumer_never_waits_on_its_own_back_pressure() {
+    let c = config(16);
+    let t = KafkaTransport::connect(&c).await.expect("connect");
+    let topic = format!("{}events", c.prefix);
+    let topics = vec![topic.clone()];
+    t.ensure_topics(&topics).await.expect("topics");
+    let n = 400;
+    for i in 0..n {
+        t.publish(&topic, Message::new(Some("k".into()), format!("m{i}"))).await.expect("publish");
+    }
+    let mut sub = t.subscribe("g", &topics).await.expect("subscribe");
+    let first = recv(&mut sub).await;
+    assert_eq!(text(&first), "m0");
+    first.ack().await.expect("ack");
+    let mut longest = Duration::ZERO;
+    for i in 1..n {
+        let waited = std::time::Instant::now();
+        let d = recv(&mut sub).await;
+        longest = longest.max(waited.elapsed());
+        assert_eq!(text(&d), format!("m{i}"), "in order, each once");
+        // Busy: the read-ahead (16 + 16 held) fills long before the backlog is through.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        d.ack().await.expect("ack");
+    }
+    assert!(longest < Duration::from_millis(400), "the consumer waited {longest:?} for a message of the backlog");
+    assert_quiet(&mut sub).await;
+}

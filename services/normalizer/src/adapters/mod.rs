@@ -19,7 +19,7 @@ pub mod zendesk;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
-use crate::doc::Doc;
+use crate::doc::{Doc, Select};
 use crate::error::Rejection;
 use crate::mapping::{self, CompiledMapping};
 
@@ -58,6 +58,17 @@ impl Adapter {
             Adapter::Servicenow => servicenow::extract(doc),
             Adapter::Coupa => coupa::extract(doc),
             Adapter::Mapped(m) => mapped::extract(m, doc),
+        }
+    }
+
+    /// What the adapter reads of a raw event. Zendesk and ServiceNow events are small and
+    /// read in many shapes, so they are parsed whole; a Coupa invoice is mostly records the
+    /// adapter never looks at.
+    pub fn select(&self) -> Select {
+        match self {
+            Adapter::Zendesk | Adapter::Servicenow => Select::All,
+            Adapter::Coupa => Select::paths(coupa::READS.iter().copied()),
+            Adapter::Mapped(m) => m.select(),
         }
     }
 }
