@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentbridge_config::{RedisConfig, Secret, StoreConfig, StoreKind};
-use agentbridge_store::{Claim, Rate, Reopen, Store, StoreError};
+use agentbridge_store::{Admission, Claim, Gate, Rate, Reopen, Store, StoreError};
 use common::{redis_url, unique_prefix};
 use tokio::time::Instant;
 
@@ -315,6 +315,96 @@ async fn rerun_count_lives_for_its_ttl(backend: Backend) {
     // Once the record expired (with the commit it belongs to, in real use) counting starts over.
     tokio::time::sleep_until(reopened_at + ttl + Duration::from_millis(100)).await;
     assert_eq!(ctx.b.reopen("event", "run-2", 1, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 1 });
+    ctx.cleanup().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Admission: hold flags, rate limit and claim in one step
+// ---------------------------------------------------------------------------------------------
+
+fn gate<'a>(flags: &'a [&'a str], rate: Option<(&'a str, Rate)>, key: &'a str) -> Gate<'a> {
+    Gate { hold_flags: flags, rate_limit: rate, claim_key: key, lease: Duration::from_secs(30) }
+}
+
+async fn admit_checks_flags_then_rate_limit_then_claim(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let flags = ["paused:a", "slowdown:a"];
+    // One event per 10 s, no burst: the limiter admits exactly one event here.
+    let rate = Rate { limit: 1, period: Duration::from_secs(10), burst: 1 };
+
+    // A set flag holds the event: nothing consumed, nothing claimed.
+    ctx.a.set_flag("slowdown:a", "1700000000000", None).await.expect("set");
+    for _ in 0..3 {
+        let got = ctx.b.admit(&gate(&flags, Some(("lim", rate)), "e1")).await.expect("admit");
+        assert_eq!(got, Admission::Held { flag: 1, value: "1700000000000".into() });
+    }
+    ctx.a.set_flag("paused:a", "operator", None).await.expect("set");
+    let got = ctx.a.admit(&gate(&flags, Some(("lim", rate)), "e1")).await.expect("admit");
+    assert_eq!(got, Admission::Held { flag: 0, value: "operator".into() }, "the first set flag answers");
+    ctx.a.clear_flag("paused:a").await.expect("clear");
+    ctx.a.clear_flag("slowdown:a").await.expect("clear");
+
+    // Flags clear: the limiter takes the event (the held ones did not use it up), then the claim.
+    let got = ctx.b.admit(&gate(&flags, Some(("lim", rate)), "e1")).await.expect("admit");
+    let Admission::Claimed(claim) = got else { panic!("expected a claim, got {got:?}") };
+    let t1 = token(claim);
+
+    // The limiter is spent: the next event is refused before its claim.
+    let got = ctx.a.admit(&gate(&flags, Some(("lim", rate)), "e2")).await.expect("admit");
+    let Admission::RateLimited { retry_after } = got else { panic!("expected a rate limit, got {got:?}") };
+    assert!(retry_after > Duration::from_secs(8) && retry_after <= Duration::from_secs(10), "{retry_after:?}");
+    assert!(matches!(ctx.b.claim("e2", Duration::from_secs(30)).await.expect("claim"), Claim::Acquired { .. }));
+
+    // Without a limiter: the claim's own answers, in progress and done.
+    let got = ctx.a.admit(&gate(&flags, None, "e1")).await.expect("admit");
+    assert_eq!(got, Admission::Claimed(Claim::InProgress));
+    assert!(ctx.b.commit("e1", &t1, "run-1", Duration::from_secs(60)).await.expect("commit"));
+    let got = ctx.a.admit(&gate(&[], None, "e1")).await.expect("admit");
+    assert_eq!(got, Admission::Claimed(Claim::Done { value: "run-1".into() }));
+    ctx.cleanup().await;
+}
+
+async fn concurrent_admissions_claim_once(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    const TASKS: usize = 50;
+    let rate = Rate::per_second(1_000_000);
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|i| {
+            let (store, barrier) = (ctx.client(i), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.admit(&gate(&["paused:x"], Some(("lim-x", rate)), "storm")).await.expect("admit")
+            })
+        })
+        .collect();
+    let mut acquired = 0;
+    for t in tasks {
+        match t.await.expect("task") {
+            Admission::Claimed(Claim::Acquired { .. }) => acquired += 1,
+            Admission::Claimed(Claim::InProgress) => {}
+            other => panic!("unexpected admission {other:?}"),
+        }
+    }
+    assert_eq!(acquired, 1, "exactly one of {TASKS} concurrent admissions claims the key");
+    ctx.cleanup().await;
+}
+
+async fn record_run_writes_state_deadline_and_poll(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let ttl = Duration::from_secs(60);
+    ctx.a.record_run("run-a", r#"{"run_id":"run-a"}"#, ttl, 1_000, Some(2_000)).await.expect("record");
+    ctx.a.record_run("run-b", r#"{"run_id":"run-b"}"#, ttl, 1_500, None).await.expect("record");
+    assert_eq!(ctx.b.get_run("run-a").await.expect("get").as_deref(), Some(r#"{"run_id":"run-a"}"#));
+    assert_eq!(ctx.b.get_run("run-b").await.expect("get").as_deref(), Some(r#"{"run_id":"run-b"}"#));
+    assert_eq!(ctx.b.take_due(1_200, 10).await.expect("take"), ["run-a"]);
+    assert_eq!(ctx.b.take_due(1_600, 10).await.expect("take"), ["run-b"]);
+    assert_eq!(ctx.b.take_due_polls(10_000, 10).await.expect("take polls"), ["run-a"], "only the polled run");
+    // Recording again (a retried event) replaces, never duplicates.
+    ctx.a.record_run("run-a", r#"{"run_id":"run-a","v":2}"#, ttl, 3_000, None).await.expect("record again");
+    ctx.a.record_run("run-a", r#"{"run_id":"run-a","v":2}"#, ttl, 3_000, None).await.expect("record again");
+    assert_eq!(ctx.b.take_due(5_000, 10).await.expect("take"), ["run-a"]);
+    assert_eq!(ctx.b.get_run("run-a").await.expect("get").as_deref(), Some(r#"{"run_id":"run-a","v":2}"#));
     ctx.cleanup().await;
 }
 
@@ -623,6 +713,18 @@ macro_rules! contract {
                 super::rerun_count_lives_for_its_ttl(Backend::$backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn admit_checks_flags_then_rate_limit_then_claim() {
+                super::admit_checks_flags_then_rate_limit_then_claim(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_admissions_claim_once() {
+                super::concurrent_admissions_claim_once(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn record_run_writes_state_deadline_and_poll() {
+                super::record_run_writes_state_deadline_and_poll(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn rate_limit_admits_the_rate_across_two_clients() {
                 super::rate_limit_admits_the_rate_across_two_clients(Backend::$backend).await
             }
@@ -683,12 +785,15 @@ async fn assert_every_call_fails(store: &dyn Store, bound: Duration) {
     fails("release", bound, store.release("k", "token")).await;
     fails("reopen", bound, store.reopen("k", "run", 2, ttl)).await;
     fails("rate_limit", bound, store.rate_limit("k", Rate::per_second(10))).await;
+    let g = Gate { hold_flags: &["f"], rate_limit: Some(("k", Rate::per_second(10))), claim_key: "k", lease: ttl };
+    fails("admit", bound, store.admit(&g)).await;
     fails("set_flag", bound, store.set_flag("f", "v", None)).await;
     fails("get_flag", bound, store.get_flag("f")).await;
     fails("clear_flag", bound, store.clear_flag("f")).await;
     fails("list_flags", bound, store.list_flags("")).await;
     fails("first_seen", bound, store.first_seen("id", ttl)).await;
     fails("put_run", bound, store.put_run("r", "{}", ttl)).await;
+    fails("record_run", bound, store.record_run("r", "{}", ttl, 0, Some(0))).await;
     fails("get_run", bound, store.get_run("r")).await;
     fails("delete_run", bound, store.delete_run("r")).await;
     fails("schedule_deadline", bound, store.schedule_deadline("r", 0)).await;

@@ -33,7 +33,8 @@ use clap::{Args, Subcommand};
 /// Header a replayed message carries: the id of the dead letter it came from.
 pub const HEADER_REPLAY_OF: &str = "x-agentbridge-replay-of";
 
-const STAGES: [Stage; 6] = [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Meter, Stage::Transport];
+const STAGES: [Stage; 6] =
+    [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Meter, Stage::Transport];
 
 #[derive(Args, Clone)]
 pub struct Filter {

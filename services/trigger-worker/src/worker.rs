@@ -25,7 +25,7 @@ use agentbridge_config::{AgentRunConfig, CompletionMode, Config, TriggerWorkerCo
 use agentbridge_contracts::{run_event_id, Envelope, RunEvent, RunStage, Stage, Topics, TraceParent, RUN_EVENT_TYPE};
 use agentbridge_runtime::backoff::Backoff;
 use agentbridge_runtime::CancellationToken;
-use agentbridge_store::{Claim, Rate, Store, StoreError};
+use agentbridge_store::{Admission, Claim, Gate, Rate, Store, StoreError};
 use agentbridge_transport::{Delivery, Message, Transport, TransportError, DLQ_GROUP};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -203,17 +203,35 @@ impl Worker {
     }
 
     async fn handle_event(&self, delivery: Delivery, envelope: Envelope, key: &str, agent: &str, rt: &AgentRuntime) {
-        // 1. Held: paused agent, or the platform asked this agent to slow down. Both flags are
-        // read at once: one round trip of latency instead of two on every event.
+        // 1. Per-agent concurrency, before the claim so waiting does not eat the lease.
+        let Ok(_agent_permit) = rt.permits.clone().acquire_owned().await else {
+            return self.infra_retry(delivery, agent, "acquire agent permit", "semaphore closed").await;
+        };
+        // 2. Admission, in one store round trip: held while the agent is paused or the platform
+        // asked it to slow down; then the agent's rate limit, shared by every replica; then
+        // the claim of the idempotency key.
         let (paused_name, slowdown_name) = (paused_flag(agent), slowdown_flag(agent));
-        let (paused, slowdown) = tokio::join!(self.store.get_flag(&paused_name), self.store.get_flag(&slowdown_name));
-        match paused {
-            Ok(Some(_)) => return self.hold(delivery, agent, outcome::PAUSED, self.config.hold_delay).await,
-            Ok(None) => {}
-            Err(e) => return self.infra_retry(delivery, agent, "read pause flag", &e.to_string()).await,
-        }
-        match slowdown {
-            Ok(Some(until)) => {
+        let flags = [paused_name.as_str(), slowdown_name.as_str()];
+        let limiter = rt.run.rate_limit.as_ref().map(|rl| {
+            let name = match rl.key_by.as_deref().and_then(|k| key_value(&envelope, k)) {
+                Some(v) => format!("rate:{agent}:{v}"),
+                None => format!("rate:{agent}"),
+            };
+            (name, Rate { limit: rl.limit, period: rl.period, burst: rl.burst() })
+        });
+        let claim_name = claim_key(key);
+        let gate = Gate {
+            hold_flags: &flags,
+            rate_limit: limiter.as_ref().map(|(name, rate)| (name.as_str(), *rate)),
+            claim_key: &claim_name,
+            lease: self.config.claim_lease,
+        };
+        let token = match self.store.admit(&gate).await {
+            Ok(Admission::Claimed(Claim::Acquired { token })) => token,
+            Ok(Admission::Held { flag: 0, .. }) => {
+                return self.hold(delivery, agent, outcome::PAUSED, self.config.hold_delay).await
+            }
+            Ok(Admission::Held { value: until, .. }) => {
                 let wait = until
                     .parse::<i64>()
                     .ok()
@@ -221,30 +239,10 @@ impl Worker {
                     .unwrap_or(self.config.hold_delay);
                 return self.hold(delivery, agent, outcome::SLOWDOWN, wait).await;
             }
-            Ok(None) => {}
-            Err(e) => return self.infra_retry(delivery, agent, "read slowdown flag", &e.to_string()).await,
-        }
-        // 2. Rate limit, shared by every replica through the store.
-        if let Some(rl) = &rt.run.rate_limit {
-            let limiter = match rl.key_by.as_deref().and_then(|k| key_value(&envelope, k)) {
-                Some(v) => format!("rate:{agent}:{v}"),
-                None => format!("rate:{agent}"),
-            };
-            let rate = Rate { limit: rl.limit, period: rl.period, burst: rl.burst() };
-            match self.store.rate_limit(&limiter, rate).await {
-                Ok(d) if !d.allowed => return self.hold(delivery, agent, outcome::RATE_LIMITED, d.retry_after).await,
-                Ok(_) => {}
-                Err(e) => return self.infra_retry(delivery, agent, "consult rate limit", &e.to_string()).await,
+            Ok(Admission::RateLimited { retry_after }) => {
+                return self.hold(delivery, agent, outcome::RATE_LIMITED, retry_after).await
             }
-        }
-        // 3. Per-agent concurrency, before the claim so waiting does not eat the lease.
-        let Ok(_agent_permit) = rt.permits.clone().acquire_owned().await else {
-            return self.infra_retry(delivery, agent, "acquire agent permit", "semaphore closed").await;
-        };
-        // 4. Claim.
-        let token = match self.store.claim(&claim_key(key), self.config.claim_lease).await {
-            Ok(Claim::Acquired { token }) => token,
-            Ok(Claim::Done { value }) => {
+            Ok(Admission::Claimed(Claim::Done { value })) => {
                 debug!(run_id = %value, "duplicate: already triggered");
                 self.metrics.event(agent, outcome::DUPLICATE);
                 if let Err(e) = delivery.ack().await {
@@ -252,10 +250,10 @@ impl Worker {
                 }
                 return;
             }
-            Ok(Claim::InProgress) => {
+            Ok(Admission::Claimed(Claim::InProgress)) => {
                 return self.hold(delivery, agent, outcome::IN_PROGRESS, self.config.hold_delay).await
             }
-            Err(e) => return self.infra_retry(delivery, agent, "claim idempotency key", &e.to_string()).await,
+            Err(e) => return self.infra_retry(delivery, agent, "admit event", &e.to_string()).await,
         };
         // From here the claim is ours: every path commits or releases it.
         let attempt = delivery.attempt();
@@ -316,29 +314,14 @@ impl Worker {
         let state = run_state(envelope, delivery.payload(), key, agent, request, run_id);
         let deadline = now_ms() + i64::try_from(self.config.run_deadline.as_millis()).unwrap_or(i64::MAX / 2);
         let recorded = async {
-            // Independent writes, all needed before `triggered` is announced: issued together,
-            // so they cost one round trip of latency instead of two or three.
-            let first_poll = now_ms() + i64::try_from(completion.poll_initial_interval.as_millis()).unwrap_or(0);
-            tokio::try_join!(
-                async {
-                    self.store
-                        .put_run(run_id, &state.to_string(), self.config.dedup_ttl)
-                        .await
-                        .map_err(|e| ("record run state", e.to_string()))
-                },
-                async {
-                    self.store
-                        .schedule_deadline(run_id, deadline)
-                        .await
-                        .map_err(|e| ("schedule watchdog deadline", e.to_string()))
-                },
-                async {
-                    if !poll {
-                        return Ok(());
-                    }
-                    self.store.schedule_poll(run_id, first_poll).await.map_err(|e| ("schedule the first poll", e.to_string()))
-                },
-            )?;
+            // Run state, deadline and first poll are independent writes, all needed before
+            // `triggered` is announced: one store round trip.
+            let first_poll =
+                poll.then(|| now_ms() + i64::try_from(completion.poll_initial_interval.as_millis()).unwrap_or(0));
+            self.store
+                .record_run(run_id, &state.to_json(), self.config.dedup_ttl, deadline, first_poll)
+                .await
+                .map_err(|e| ("record run state, deadline and first poll", e.to_string()))?;
             let mut ev = run_event(envelope, RunStage::Triggered, delivery.attempt());
             ev.run_id = Some(run_id.to_string());
             ev.agent_version = request.agent_version.clone();
@@ -353,7 +336,7 @@ impl Worker {
             return self.infra_retry(delivery, agent, action, &detail).await;
         }
         if let Some(run) = finished {
-            self.publish_sync_completion(agent, run, &state, completion.poll_initial_interval).await;
+            self.publish_sync_completion(agent, run, &state.to_value(), completion.poll_initial_interval).await;
         }
         match self.store.commit(&claim_key(key), token, run_id, self.config.dedup_ttl).await {
             Ok(true) => {}
@@ -584,33 +567,78 @@ fn trigger_request(e: &Envelope, key: &str, agent: &str, rt: &AgentRuntime, call
 }
 
 /// What later stages need about a run (`put_run`): correlation, business metadata and the
-/// input fields business rules read.
-fn run_state(e: &Envelope, original: &[u8], key: &str, agent: &str, request: &TriggerRequest, run_id: &str) -> Value {
-    json!({
-        // The normalized event as received (valid UTF-8: it parsed as JSON), so the watchdog
-        // can dead-letter the original bytes when the run never completes.
-        "event": String::from_utf8_lossy(original),
-        "run_id": run_id,
-        "idempotency_key": key,
-        // Which automatic re-run this run is (0: the first run); the dispatcher counts on.
-        "rerun": e.rerun.unwrap_or(0),
-        "agent": agent,
-        "agent_id": request.agent_id,
-        "agent_version": request.agent_version,
-        "event_id": e.id,
-        "event_type": e.ty,
-        "subject": e.subject,
-        "source": e.data.get("source").cloned().unwrap_or(Value::Null),
-        "source_event_id": e.sourceeventid,
-        "business_process": e.businessprocess,
-        "cost_center": e.costcenter,
-        "department": e.department,
-        "environment": e.environment,
-        "writeback_target": e.extension_str("writebacktarget"),
-        "traceparent": e.traceparent,
-        "input": request.input,
-        "triggered_at": chrono::Utc::now().to_rfc3339(),
-    })
+/// input fields business rules read. A struct of borrowed fields, serialized straight to text:
+/// it is written once per triggered event, and building a `Value` tree first (copying the
+/// original event into it) was a measurable share of the worker's CPU.
+#[derive(serde::Serialize)]
+pub(crate) struct RunState<'a> {
+    /// The normalized event as received (valid UTF-8: it parsed as JSON), so the watchdog can
+    /// dead-letter the original bytes when the run never completes.
+    event: std::borrow::Cow<'a, str>,
+    run_id: &'a str,
+    idempotency_key: &'a str,
+    /// Which automatic re-run this run is (0: the first run); the dispatcher counts on.
+    rerun: u32,
+    agent: &'a str,
+    agent_id: &'a str,
+    agent_version: Option<&'a str>,
+    event_id: &'a str,
+    event_type: &'a str,
+    subject: Option<&'a str>,
+    source: Option<&'a Value>,
+    source_event_id: Option<&'a str>,
+    business_process: Option<&'a str>,
+    cost_center: Option<&'a str>,
+    department: Option<&'a str>,
+    environment: Option<&'a str>,
+    writeback_target: Option<&'a str>,
+    traceparent: Option<&'a str>,
+    input: &'a Value,
+    triggered_at: String,
+}
+
+impl RunState<'_> {
+    pub(crate) fn to_json(&self) -> String {
+        // A struct of strings, numbers and JSON values cannot fail to serialize.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// The same record as a `Value` (for the completion of a synchronous run).
+    pub(crate) fn to_value(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+fn run_state<'a>(
+    e: &'a Envelope,
+    original: &'a [u8],
+    key: &'a str,
+    agent: &'a str,
+    request: &'a TriggerRequest,
+    run_id: &'a str,
+) -> RunState<'a> {
+    RunState {
+        event: String::from_utf8_lossy(original),
+        run_id,
+        idempotency_key: key,
+        rerun: e.rerun.unwrap_or(0),
+        agent,
+        agent_id: &request.agent_id,
+        agent_version: request.agent_version.as_deref(),
+        event_id: &e.id,
+        event_type: &e.ty,
+        subject: e.subject.as_deref(),
+        source: e.data.get("source"),
+        source_event_id: e.sourceeventid.as_deref(),
+        business_process: e.businessprocess.as_deref(),
+        cost_center: e.costcenter.as_deref(),
+        department: e.department.as_deref(),
+        environment: e.environment.as_deref(),
+        writeback_target: e.extension_str("writebacktarget"),
+        traceparent: e.traceparent.as_deref(),
+        input: &request.input,
+        triggered_at: chrono::Utc::now().to_rfc3339(),
+    }
 }
 
 /// The `runs` record of one step of `e` (the shared [`RunEvent`] contract metering reads).

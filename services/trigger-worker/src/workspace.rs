@@ -11,10 +11,9 @@ use std::time::Duration;
 use agentbridge_config::{AgentRunConfig, CompletionMode, Secret};
 use async_trait::async_trait;
 use reqwest::header::{HeaderMap, RETRY_AFTER};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 
-use crate::backend::{AgentBackend, RunStatus, TriggerAccepted, TriggerRequest};
+use crate::backend::{AgentBackend, RunMetadata, RunStatus, TriggerAccepted, TriggerRequest};
 use crate::error::{excerpt, BackendError};
 
 /// The header carrying the idempotency key to the platform.
@@ -59,6 +58,20 @@ impl WorkspaceBackend {
     }
 }
 
+/// The trigger's JSON body, serialized straight from borrowed fields (no `Value` tree is built
+/// per call). `metadata.rerun` is sent only for re-runs (echoed back with the completion, so a
+/// re-run can be told apart from the first run).
+#[derive(Serialize)]
+struct TriggerBody<'a> {
+    agent_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    agent_version: Option<&'a str>,
+    input: &'a serde_json::Value,
+    metadata: &'a RunMetadata,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    callback_url: Option<&'a str>,
+}
+
 #[derive(Deserialize)]
 struct Accepted {
     id: String,
@@ -69,30 +82,13 @@ struct Accepted {
 #[async_trait]
 impl AgentBackend for WorkspaceBackend {
     async fn trigger(&self, request: &TriggerRequest) -> Result<TriggerAccepted, BackendError> {
-        let m = &request.metadata;
-        let mut body = json!({
-            "agent_id": request.agent_id,
-            "input": request.input,
-            "metadata": {
-                "business_process": m.business_process,
-                "source": m.source,
-                "source_event_id": m.source_event_id,
-                "source_entity_id": m.source_entity_id,
-                "environment": m.environment,
-                "cost_center": m.cost_center,
-                "idempotency_key": m.idempotency_key,
-            },
-        });
-        if let Some(v) = &request.agent_version {
-            body["agent_version"] = json!(v);
-        }
-        if m.rerun > 0 {
-            // Echoed back with the completion, so the run can be told apart from the first.
-            body["metadata"]["rerun"] = json!(m.rerun);
-        }
-        if self.send_callback {
-            body["callback_url"] = json!(request.callback_url);
-        }
+        let body = TriggerBody {
+            agent_id: &request.agent_id,
+            agent_version: request.agent_version.as_deref(),
+            input: &request.input,
+            metadata: &request.metadata,
+            callback_url: self.send_callback.then_some(request.callback_url.as_str()),
+        };
         let url = format!("{}{}", self.base_url, self.trigger_path);
         let req = self.client.post(&url).header(IDEMPOTENCY_KEY_HEADER, &request.idempotency_key).json(&body);
         let resp = self.authorize(req).send().await.map_err(transport_error)?;

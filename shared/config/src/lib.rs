@@ -21,8 +21,8 @@ pub use condition::Condition;
 pub use duration::{parse_duration, serde_duration};
 pub use metering::{BudgetConfig, BudgetPeriod, BudgetScope, MeteringConfig, MicroCredits, PriceConfig};
 pub use pipeline::{
-    AgentConfig, AgentParameters, CoupaPollerConfig, FieldRule, IngressAuth, MappingConfig,
-    NormalizerConfig, RouteConfig, SensitiveAction, SignatureEncoding, SourceConfig, SourceKind, Transform,
+    AgentConfig, AgentParameters, CoupaPollerConfig, FieldRule, IngressAuth, MappingConfig, NormalizerConfig,
+    RouteConfig, SensitiveAction, SignatureEncoding, SourceConfig, SourceKind, Transform,
 };
 pub use secret::Secret;
 pub use sections::*;

@@ -88,6 +88,30 @@ pub struct RateDecision {
     pub retry_after: Duration,
 }
 
+/// What [`Store::admit`] checks before an event may start its work, in this order: the hold
+/// flags, the rate limit, the claim.
+#[derive(Debug, Clone, Copy)]
+pub struct Gate<'a> {
+    /// Flags that hold the event while any of them is set (e.g. `paused:<agent>`).
+    pub hold_flags: &'a [&'a str],
+    /// The limiter to consume one event from, and its rate; `None`: not rate limited.
+    pub rate_limit: Option<(&'a str, Rate)>,
+    /// The dedup key to claim for `lease` (as [`Store::claim`]).
+    pub claim_key: &'a str,
+    pub lease: Duration,
+}
+
+/// The outcome of [`Store::admit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// `hold_flags[flag]` is set, to `value`: nothing was consumed or claimed.
+    Held { flag: usize, value: String },
+    /// No flag is set but the limiter refused the event: nothing was claimed.
+    RateLimited { retry_after: Duration },
+    /// No flag is set and the limiter (if any) took the event: what the claim gave.
+    Claimed(Claim),
+}
+
 #[async_trait]
 pub trait Store: Send + Sync {
     /// `memory` or `redis`.
@@ -119,6 +143,26 @@ pub trait Store: Send + Sync {
     /// reopening can finish its work.
     async fn reopen(&self, key: &str, value: &str, max_reruns: u32, ttl: Duration) -> Result<Reopen, StoreError>;
 
+    /// Hold flags, rate limit and claim, in one step ([`Gate`]): what a consumer asks before
+    /// every event. Same answers as calling `get_flag` on each flag, then `rate_limit`, then
+    /// `claim`, stopping at the first that holds the event. The default does exactly that; the
+    /// Redis store runs it as one script, one round trip instead of up to four on the hot path
+    /// of every event (the keys must then live on one Redis node: no Redis Cluster).
+    async fn admit(&self, gate: &Gate<'_>) -> Result<Admission, StoreError> {
+        for (flag, name) in gate.hold_flags.iter().enumerate() {
+            if let Some(value) = self.get_flag(name).await? {
+                return Ok(Admission::Held { flag, value });
+            }
+        }
+        if let Some((limiter, rate)) = gate.rate_limit {
+            let d = self.rate_limit(limiter, rate).await?;
+            if !d.allowed {
+                return Ok(Admission::RateLimited { retry_after: d.retry_after });
+            }
+        }
+        Ok(Admission::Claimed(self.claim(gate.claim_key, gate.lease).await?))
+    }
+
     /// Consumes one event from the limiter `key` (GCRA, atomic across replicas).
     async fn rate_limit(&self, key: &str, rate: Rate) -> Result<RateDecision, StoreError>;
 
@@ -137,6 +181,27 @@ pub trait Store: Send + Sync {
     /// Run state by run id (JSON chosen by the caller), kept for `ttl`.
     async fn put_run(&self, run_id: &str, state: &str, ttl: Duration) -> Result<(), StoreError>;
     async fn get_run(&self, run_id: &str) -> Result<Option<String>, StoreError>;
+    /// Records a started run at once: `put_run(run_id, state, ttl)`, `schedule_deadline(run_id,
+    /// deadline_unix_ms)` and, when given, `schedule_poll(run_id, first_poll_unix_ms)`. Not
+    /// atomic: on `Err` any part may have been applied, and each part is safe to repeat. The
+    /// default issues them concurrently; the Redis store sends them as one pipeline.
+    async fn record_run(
+        &self,
+        run_id: &str,
+        state: &str,
+        ttl: Duration,
+        deadline_unix_ms: i64,
+        first_poll_unix_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let poll = async {
+            match first_poll_unix_ms {
+                Some(at) => self.schedule_poll(run_id, at).await,
+                None => Ok(()),
+            }
+        };
+        tokio::try_join!(self.put_run(run_id, state, ttl), self.schedule_deadline(run_id, deadline_unix_ms), poll)
+            .map(|_| ())
+    }
     async fn delete_run(&self, run_id: &str) -> Result<(), StoreError>;
 
     /// Watchdog: `run_id` must complete by `at_unix_ms` (re-scheduling replaces the deadline).

@@ -1,8 +1,9 @@
 //! The Redis store, shared by every replica.
 //!
 //! Guarantees:
-//! - Every multi-step operation (claim, commit, release, reopen, rate limit, take due deadlines)
-//!   is one Lua script, so replicas never interleave inside it; single-step ones are one command.
+//! - Every multi-step operation (claim, admit, commit, release, reopen, rate limit, take due
+//!   deadlines) is one Lua script, so replicas never interleave inside it; single-step ones are
+//!   one command. `record_run` is a pipeline (its parts are independent and repeatable).
 //!   The exception is `list_flags`, a `SCAN` walk (never `KEYS`, which blocks Redis): it is not
 //!   a snapshot, so a flag set or cleared during the walk may or may not be listed.
 //! - The rate limiter reads the clock with `redis.call('TIME')`, so replicas whose own clocks
@@ -33,21 +34,68 @@ use agentbridge_config::RedisConfig;
 use async_trait::async_trait;
 
 use crate::memory::{ttl_ms, Gcra};
-use crate::{Claim, Rate, RateDecision, Reopen, Store, StoreError};
+use crate::{Admission, Claim, Gate, Rate, RateDecision, Reopen, Store, StoreError};
 
-/// `SET NX` the claim, or report what holds the key. Replies `{'acquired'}` or
+/// Lua functions shared by the scripts that claim or rate-limit (prepended to them), so each
+/// rule is written once.
+///
+/// `claim`: `SET NX` the claim, or report what holds the key. Returns `{'acquired'}` or
 /// `{'held', <current value>}`.
-const CLAIM: &str = r"
-if redis.call('SET', KEYS[1], 'claimed:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {'acquired'}
+///
+/// `gcra`: GCRA, transcribed from `Gcra::decide`; `interval` and `capacity` in µs. Returns 0
+/// when the event is allowed (and consumed), else the milliseconds until one would be (>= 1).
+/// It reads the clock with `TIME`, so replicas whose own clocks disagree share one timeline.
+/// Lua numbers are doubles: microseconds since 1970 (~2^51) are exact, but `tostring` would
+/// print them in exponent form, hence `%.0f`.
+const FUNCTIONS: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
+local function claim(key, token, lease_ms)
+  if redis.call('SET', key, 'claimed:' .. token, 'NX', 'PX', lease_ms) then
+    return {'acquired'}
+  end
+  local v = redis.call('GET', key)
+  if not v then
+    -- Unreachable inside one script (the key cannot expire between SET and GET), but an
+    -- answer of 'held' with nothing would be misread as a duplicate.
+    return redis.error_reply('claim: key vanished')
+  end
+  return {'held', v}
 end
-local v = redis.call('GET', KEYS[1])
-if not v then
-  -- Unreachable inside one script (the key cannot expire between SET and GET), but an answer
-  -- of 'held' with nothing would be misread as a duplicate.
-  return redis.error_reply('claim: key vanished')
+local function gcra(key, interval, capacity)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local tat = tonumber(redis.call('GET', key) or '')
+  if tat == nil or tat < now then tat = now end
+  local new_tat = tat + interval
+  local ahead = new_tat - now
+  if ahead <= capacity then
+    redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
+    return 0
+  end
+  return math.ceil((ahead - capacity) / 1000)
 end
-return {'held', v}
+";
+
+/// `Store::claim`. KEYS: the dedup key. ARGV: token, lease ms.
+const CLAIM: &str = "return claim(KEYS[1], ARGV[1], ARGV[2])";
+
+/// `Store::admit`. KEYS: the hold flags, then the limiter (when ARGV[2] is '1'), then the
+/// dedup key. ARGV: number of flags, '1' when rate limited, interval µs, capacity µs, token,
+/// lease ms. Replies `{'flag', <0-based index>, <value>}`, `{'rate', <retry-after ms>}`, or
+/// the claim's reply.
+const ADMIT: &str = r"
+local n = tonumber(ARGV[1])
+for i = 1, n do
+  local v = redis.call('GET', KEYS[i])
+  if v then return {'flag', string.format('%d', i - 1), v} end
+end
+local k = n + 1
+if ARGV[2] == '1' then
+  local wait = gcra(KEYS[k], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  if wait > 0 then return {'rate', string.format('%d', wait)} end
+  k = k + 1
+end
+return claim(KEYS[k], ARGV[5], ARGV[6])
 ";
 
 /// Turn the caller's claim into the committed value; 1 if it still held the claim, else 0.
@@ -95,26 +143,12 @@ redis.call('DEL', KEYS[1])
 return {'reopened', made}
 ";
 
-/// GCRA, transcribed from `Gcra::decide`. ARGV: interval µs, capacity µs. Replies
-/// `{1, 0}` when allowed, `{0, retry_after_ms}` when not.
-///
-/// Lua numbers are doubles: microseconds since 1970 (~2^51) are exact, but `tostring` would
-/// print them in exponent form, hence `%.0f`.
+/// `Store::rate_limit`. KEYS: the limiter. ARGV: interval µs, capacity µs. Replies `{1, 0}`
+/// when allowed, `{0, retry_after_ms}` when not.
 const RATE_LIMIT: &str = r"
-if redis.replicate_commands then redis.replicate_commands() end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local interval = tonumber(ARGV[1])
-local capacity = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or '')
-if tat == nil or tat < now then tat = now end
-local new_tat = tat + interval
-local ahead = new_tat - now
-if ahead <= capacity then
-  redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
-  return {1, 0}
-end
-return {0, math.ceil((ahead - capacity) / 1000)}
+local wait = gcra(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if wait > 0 then return {0, wait} end
+return {1, 0}
 ";
 
 /// Pop up to ARGV[2] members scored at or below ARGV[1]. Atomic, so every id returned was
@@ -134,6 +168,7 @@ const SCAN_COUNT: usize = 1000;
 
 struct Scripts {
     claim: Script,
+    admit: Script,
     commit: Script,
     release: Script,
     reopen: Script,
@@ -182,11 +217,12 @@ impl RedisStore {
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             scripts: Scripts {
-                claim: Script::new(CLAIM),
+                claim: Script::new(&format!("{FUNCTIONS}{CLAIM}")),
+                admit: Script::new(&format!("{FUNCTIONS}{ADMIT}")),
                 commit: Script::new(COMMIT),
                 release: Script::new(RELEASE),
                 reopen: Script::new(REOPEN),
-                rate_limit: Script::new(RATE_LIMIT),
+                rate_limit: Script::new(&format!("{FUNCTIONS}{RATE_LIMIT}")),
                 take_due: Script::new(TAKE_DUE),
             },
         };
@@ -262,6 +298,25 @@ impl RedisStore {
     }
 }
 
+/// Reads the `claim` function's reply; `token` is the one the claim was made with.
+fn claim_of(reply: &[String], key: &str, token: String) -> Result<Claim, StoreError> {
+    match reply {
+        [status] if status == "acquired" => Ok(Claim::Acquired { token }),
+        [status, current] if status == "held" => {
+            if let Some(value) = current.strip_prefix("done:") {
+                Ok(Claim::Done { value: value.to_string() })
+            } else if current.starts_with("claimed:") {
+                Ok(Claim::InProgress)
+            } else {
+                Err(StoreError::Protocol(format!(
+                    "dedup key {key:?} holds a value that is neither a claim nor a commit"
+                )))
+            }
+        }
+        _ => Err(StoreError::Protocol(format!("claim script replied {} values", reply.len()))),
+    }
+}
+
 /// Escapes `SCAN MATCH` glob metacharacters so a prefix matches literally.
 fn glob_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 4);
@@ -284,20 +339,45 @@ impl Store for RedisStore {
         let token = uuid::Uuid::new_v4().to_string();
         let reply: Vec<String> =
             self.invoke(self.scripts.claim.key(self.key("dedup", key)).arg(&token).arg(ttl_ms(lease))).await?;
-        match reply.as_slice() {
-            [status] if status == "acquired" => Ok(Claim::Acquired { token }),
-            [status, current] if status == "held" => {
-                if let Some(value) = current.strip_prefix("done:") {
-                    Ok(Claim::Done { value: value.to_string() })
-                } else if current.starts_with("claimed:") {
-                    Ok(Claim::InProgress)
-                } else {
-                    Err(StoreError::Protocol(format!(
-                        "dedup key {key:?} holds a value that is neither a claim nor a commit"
-                    )))
-                }
+        claim_of(&reply, key, token)
+    }
+
+    async fn admit(&self, gate: &Gate<'_>) -> Result<Admission, StoreError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let mut inv = self.scripts.admit.prepare_invoke();
+        for name in gate.hold_flags {
+            inv.key(self.key("flag", name));
+        }
+        inv.arg(gate.hold_flags.len());
+        match gate.rate_limit {
+            Some((limiter, rate)) => {
+                let g = Gcra::new(rate);
+                inv.key(self.key("rate", limiter)).arg(1).arg(g.interval_us).arg(g.capacity_us);
             }
-            _ => Err(StoreError::Protocol(format!("claim script replied {} values", reply.len()))),
+            None => {
+                inv.arg(0).arg(0).arg(0);
+            }
+        }
+        inv.key(self.key("dedup", gate.claim_key)).arg(&token).arg(ttl_ms(gate.lease));
+        let reply: Vec<String> = self.invoke(&inv).await?;
+        match reply.first().map(String::as_str) {
+            Some("flag") => match reply.as_slice() {
+                [_, index, value] => {
+                    let flag =
+                        index.parse::<usize>().ok().filter(|i| *i < gate.hold_flags.len()).ok_or_else(|| {
+                            StoreError::Protocol(format!("admit script replied flag index {index:?}"))
+                        })?;
+                    Ok(Admission::Held { flag, value: value.clone() })
+                }
+                _ => Err(StoreError::Protocol(format!("admit script replied {} values for a flag", reply.len()))),
+            },
+            Some("rate") => {
+                let ms = reply.get(1).and_then(|ms| ms.parse::<u64>().ok()).ok_or_else(|| {
+                    StoreError::Protocol(format!("admit script replied an unreadable retry-after: {reply:?}"))
+                })?;
+                Ok(Admission::RateLimited { retry_after: Duration::from_millis(ms) })
+            }
+            _ => claim_of(&reply, gate.claim_key, token).map(Admission::Claimed),
         }
     }
 
@@ -408,6 +488,26 @@ impl Store for RedisStore {
 
     async fn get_run(&self, run_id: &str) -> Result<Option<String>, StoreError> {
         self.query(::redis::cmd("GET").arg(self.key("run", run_id))).await
+    }
+
+    async fn record_run(
+        &self,
+        run_id: &str,
+        state: &str,
+        ttl: Duration,
+        deadline_unix_ms: i64,
+        first_poll_unix_ms: Option<i64>,
+    ) -> Result<(), StoreError> {
+        // One write and one read on the connection instead of two or three round trips. Not
+        // MULTI/EXEC: every part is safe to repeat, and the caller retries the whole on `Err`.
+        let mut pipe = ::redis::pipe();
+        pipe.cmd("SET").arg(self.key("run", run_id)).arg(state).arg("PX").arg(ttl_ms(ttl)).ignore();
+        pipe.cmd("ZADD").arg(self.deadlines_key()).arg(deadline_unix_ms).arg(run_id).ignore();
+        if let Some(at) = first_poll_unix_ms {
+            pipe.cmd("ZADD").arg(self.polls_key()).arg(at).arg(run_id).ignore();
+        }
+        let mut conn = self.conn.clone();
+        self.run(pipe.query_async::<()>(&mut conn)).await
     }
 
     async fn delete_run(&self, run_id: &str) -> Result<(), StoreError> {
