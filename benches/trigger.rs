@@ -359,7 +359,7 @@ fn worker(n: usize, in_flight: usize, latency: Duration, store_choice: StoreChoi
             d.ack().await.expect("ack");
         }
         if store_choice == StoreChoice::Redis {
-            delete_keys(&key_prefix).await;
+            common::delete_redis_keys(&key_prefix).await;
         }
         sample
     })
@@ -378,30 +378,6 @@ async fn redis_cpu() -> Duration {
     Duration::from_secs_f64(seconds)
 }
 
-/// Removes the phase's Redis keys (the deadlines set has no TTL).
-async fn delete_keys(prefix: &str) {
-    let client = redis::Client::open(common::redis_url()).expect("redis url");
-    let mut conn = client.get_multiplexed_async_connection().await.expect("redis connection");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("scan");
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await.expect("unlink");
-        }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-}
 
 /// CPU time this process has used so far (user + system, in USER_HZ = 100 ticks/s), from
 /// /proc (Linux); zero elsewhere.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use agentbridge_config::{RedisConfig, Secret, StoreConfig, StoreKind};
 use agentbridge_store::{Admission, Claim, Gate, Rate, Reopen, Store, StoreError};
-use common::{redis_url, unique_prefix};
+use common::{delete_redis_keys, redis_url, unique_prefix};
 use tokio::time::Instant;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,27 +73,7 @@ impl Ctx {
         if self.backend != Backend::Redis {
             return;
         }
-        let client = redis::Client::open(redis_url()).expect("redis url");
-        let mut conn = client.get_multiplexed_async_connection().await.expect("redis connection");
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{}*", self.prefix))
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(&mut conn)
-                .await
-                .expect("scan");
-            if !keys.is_empty() {
-                let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await.expect("del");
-            }
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
+        delete_redis_keys(&self.prefix).await;
     }
 }
 

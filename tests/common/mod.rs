@@ -38,6 +38,33 @@ pub fn redis_url() -> String {
     std::env::var("AGENTBRIDGE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// Deletes every Redis key starting with `prefix` (what a test or benchmark phase left behind:
+/// flags and the deadline sets have no TTL). `SCAN`, never `KEYS`, so a shared Redis is not
+/// blocked; `UNLINK` frees the values off Redis's main thread.
+pub async fn delete_redis_keys(prefix: &str) {
+    let client = redis::Client::open(redis_url()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis connection");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("scan");
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK").arg(&keys).query_async(&mut conn).await.expect("unlink");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
+
 /// Transport settings for tests: fast Kafka group joins (Tansu completes a join only after
 /// the rebalance timeout, which librdkafka takes from max.poll.interval.ms) and a low
 /// delivery limit.

@@ -72,11 +72,13 @@ pub fn slowdown_flag(agent: &str) -> String {
     format!("slowdown:{agent}")
 }
 
-/// Transient trigger failures so far for one event. Kept in the store rather than taken from
-/// the delivery's attempt counter because held events (paused, rate-limited) also come back
-/// with `attempt + 1`, and a long pause must not use up the retry budget.
-fn failures_flag(idempotency_key: &str) -> String {
-    format!("trigger-failures:{idempotency_key}")
+/// Transient trigger failures so far for one run of an event: keyed by the platform's
+/// `Idempotency-Key` (`<key>` for the first run, `<key>.rerun-<n>` for a re-run), so each
+/// automatic re-run gets the whole retry budget. Kept in the store rather than taken from the
+/// delivery's attempt counter because held events (paused, rate-limited) also come back with
+/// `attempt + 1`, and a long pause must not use up the retry budget.
+fn failures_flag(e: &Envelope, idempotency_key: &str) -> String {
+    format!("trigger-failures:{}", platform_idempotency_key(idempotency_key, e.rerun.unwrap_or(0)))
 }
 
 /// One configured agent, ready to trigger.
@@ -356,7 +358,7 @@ impl Worker {
     }
 
     async fn on_transient(&self, delivery: Delivery, envelope: &Envelope, key: &str, agent: &str, e: &BackendError) {
-        let failures = match self.count_failure(key).await {
+        let failures = match self.count_failure(&failures_flag(envelope, key)).await {
             Ok(n) => n,
             Err(err) => return self.infra_retry(delivery, agent, "count trigger failures", &err.to_string()).await,
         };
@@ -404,12 +406,11 @@ impl Worker {
         }
     }
 
-    /// Increments the event's failure count and returns it.
-    async fn count_failure(&self, key: &str) -> Result<u32, StoreError> {
-        let flag = failures_flag(key);
-        let before = self.store.get_flag(&flag).await?.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
+    /// Increments the failure count `flag` ([`failures_flag`]) and returns it.
+    async fn count_failure(&self, flag: &str) -> Result<u32, StoreError> {
+        let before = self.store.get_flag(flag).await?.and_then(|v| v.parse::<u32>().ok()).unwrap_or(0);
         let now = before.saturating_add(1);
-        self.store.set_flag(&flag, &now.to_string(), Some(self.config.dedup_ttl)).await?;
+        self.store.set_flag(flag, &now.to_string(), Some(self.config.dedup_ttl)).await?;
         Ok(now)
     }
 
@@ -430,7 +431,7 @@ impl Worker {
         if let Err(e) = self.publish_run_event(&failed, key).await {
             return self.infra_retry(delivery, agent, "publish failed event", &e.to_string()).await;
         }
-        if let Err(e) = self.store.clear_flag(&failures_flag(key)).await {
+        if let Err(e) = self.store.clear_flag(&failures_flag(envelope, key)).await {
             // Harmless: a replay of the dead letter would start with fewer retries left.
             debug!(error = %e, "cannot clear the failure counter");
         }
@@ -716,6 +717,14 @@ mod tests {
         e.agent = None;
         assert_eq!(parse(&e.to_vec()).expect_err("no agent"), "required attribute `agent` is missing or empty");
         assert!(parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn each_run_of_an_event_counts_its_own_trigger_failures() {
+        let mut e = event();
+        assert_eq!(failures_flag(&e, "k1"), "trigger-failures:k1");
+        e.rerun = Some(2);
+        assert_eq!(failures_flag(&e, "k1"), "trigger-failures:k1.rerun-2", "a re-run starts with a full budget");
     }
 
     #[test]
