@@ -378,7 +378,6 @@ async fn redis_cpu() -> Duration {
     Duration::from_secs_f64(seconds)
 }
 
-
 /// CPU time this process has used so far (user + system, in USER_HZ = 100 ticks/s), from
 /// /proc (Linux); zero elsewhere.
 fn cpu_time() -> Duration {
