@@ -245,6 +245,40 @@ async fn callback_endpoint_verifies_and_publishes_each_callback_once() {
     h.stop().await;
 }
 
+/// A Responses API webhook (`response.completed`: only the response id) is not a completion:
+/// it schedules the trigger-worker's poll of that response now, in the shared store (Redis).
+#[tokio::test]
+async fn response_webhooks_schedule_a_poll_instead_of_a_completion() {
+    let h = Harness::start(Backend::Rabbitmq).await;
+    let json = "application/json";
+    let webhook = |ty: &str, data: Value| {
+        json!({"object": "event", "id": format!("evt_{ty}"), "type": ty, "created_at": now(), "data": data})
+            .to_string()
+            .into_bytes()
+    };
+    let before = chrono::Utc::now().timestamp_millis();
+    for (n, ty) in
+        ["response.completed", "response.failed", "response.cancelled", "response.incomplete"].iter().enumerate()
+    {
+        let body = webhook(ty, json!({"id": format!("resp_{n}")}));
+        assert_eq!(h.post(&sw(SECRET, &format!("msg_r{n}"), now(), &body), json, body.clone()).await, 200, "{ty}");
+    }
+    let after = chrono::Utc::now().timestamp_millis();
+    assert!(h.store.take_due_polls(before - 1, 10).await.expect("take").is_empty(), "due now, not earlier");
+    let mut due = h.store.take_due_polls(after, 10).await.expect("take");
+    due.sort();
+    assert_eq!(due, ["resp_0", "resp_1", "resp_2", "resp_3"]);
+    // Without an id there is nothing to poll; unsigned, nothing is done at all.
+    let body = webhook("response.completed", json!({}));
+    assert_eq!(h.post(&sw(SECRET, "msg_r9", now(), &body), json, body.clone()).await, 400);
+    let body = webhook("response.completed", json!({"id": "resp_x"}));
+    assert_eq!(h.post(&sw("whsec_c29tZS1vdGhlci1rZXk=", "msg_r8", now(), &body), json, body.clone()).await, 401);
+    assert!(h.store.take_due_polls(i64::MAX, 10).await.expect("take").is_empty());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(h.on(&h.topics.completions()).is_empty(), "no completion is made up from a webhook");
+    h.stop().await;
+}
+
 #[tokio::test]
 async fn worker_publishes_result_usage_and_lifecycle_once_per_run() {
     let h = Harness::start(Backend::Memory).await;

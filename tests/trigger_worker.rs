@@ -703,44 +703,115 @@ pub async fn watchdog_publishes_finished_runs_and_times_out_pending_ones(backend
 /// (Idempotency-Key header, body) of each call a fake platform saw.
 type SeenCalls = Arc<Mutex<Vec<(Option<String>, serde_json::Value)>>>;
 
-/// A local stand-in for an OpenAI-compatible Responses API that answers every blocking call
-/// with the finished response.
+/// A local stand-in for an OpenAI-compatible Responses API: a blocking call is answered with the
+/// finished response, a background one with the response `queued`; `GET /responses/{id}`
+/// returns it finished.
 async fn responses_fake() -> (String, SeenCalls) {
+    use axum::extract::Path as UrlPath;
     use axum::http::HeaderMap;
-    use axum::routing::post;
+    use axum::routing::{get, post};
     let seen: SeenCalls = Arc::default();
     let sink = seen.clone();
-    let app = axum::Router::new().route(
-        "/v1/responses",
-        post(move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
-            let sink = sink.clone();
-            async move {
-                let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
-                let n = {
-                    let mut seen = sink.lock().expect("lock");
-                    seen.push((key, body.clone()));
-                    seen.len()
-                };
-                // The structured output the strict format asks for, derived from the input.
-                let input: serde_json::Value =
-                    serde_json::from_str(body["input"][0]["content"].as_str().unwrap_or("{}")).unwrap_or_default();
-                let output = output_for(AGENT, &input);
-                axum::Json(json!({
-                    "id": format!("resp_{n}_{}", uuid::Uuid::new_v4().simple()),
-                    "object": "response",
-                    "status": if body["background"] == false { "completed" } else { "queued" },
-                    "model": "gpt-test",
-                    "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": output.to_string()}]}],
-                    "usage": {"input_tokens": 20, "output_tokens": 30, "total_tokens": 50},
-                    "metadata": body["metadata"],
-                }))
-            }
-        }),
-    );
+    let finished: Arc<Mutex<std::collections::HashMap<String, serde_json::Value>>> = Arc::default();
+    let store = finished.clone();
+    let app = axum::Router::new()
+        .route(
+            "/v1/responses",
+            post(move |headers: HeaderMap, axum::Json(body): axum::Json<serde_json::Value>| {
+                let (sink, store) = (sink.clone(), store.clone());
+                async move {
+                    let key = headers.get("idempotency-key").and_then(|v| v.to_str().ok()).map(str::to_string);
+                    let n = {
+                        let mut seen = sink.lock().expect("lock");
+                        seen.push((key, body.clone()));
+                        seen.len()
+                    };
+                    // The structured output the strict format asks for, derived from the input.
+                    let input: serde_json::Value =
+                        serde_json::from_str(body["input"][0]["content"].as_str().unwrap_or("{}")).unwrap_or_default();
+                    let output = output_for(AGENT, &input);
+                    let id = format!("resp_{n}_{}", uuid::Uuid::new_v4().simple());
+                    let mut response = json!({
+                        "id": id,
+                        "object": "response",
+                        "status": "completed",
+                        "model": "gpt-test",
+                        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": output.to_string()}]}],
+                        "usage": {"input_tokens": 20, "output_tokens": 30, "total_tokens": 50},
+                        "metadata": body["metadata"],
+                    });
+                    store.lock().expect("lock").insert(id, response.clone());
+                    if body["background"] != false {
+                        response["status"] = json!("queued");
+                        response["output"] = json!([]);
+                    }
+                    axum::Json(response)
+                }
+            }),
+        )
+        .route(
+            "/v1/responses/{id}",
+            get(move |UrlPath(id): UrlPath<String>| {
+                let finished = finished.clone();
+                async move {
+                    match finished.lock().expect("lock").get(&id) {
+                        Some(r) => (axum::http::StatusCode::OK, axum::Json(r.clone())),
+                        None => (axum::http::StatusCode::NOT_FOUND, axum::Json(json!({"error": {"message": "no such response"}}))),
+                    }
+                }
+            }),
+        );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
     (format!("http://{addr}/v1"), seen)
+}
+
+/// `responses` in callback mode: the platform's `response.completed` webhook carries only the
+/// response id, so the callback-dispatcher schedules a poll of it (`RESPONSE_FINISHED`); the
+/// poller then publishes the completion at once, not at the watchdog's deadline.
+pub async fn callback_mode_responses_complete_when_their_webhook_schedules_a_poll(backend: Backend) {
+    let (base_url, seen) = responses_fake().await;
+    let mut h = Harness::new(backend, Knobs::default(), |c| {
+        let run = AgentRunConfig {
+            backend: BackendKind::Responses,
+            base_url: Some(base_url),
+            model: Some("gpt-test".into()),
+            output_schema: Some(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support-triage/output.schema.json"),
+            ),
+            completion: CompletionConfig { mode: CompletionMode::Callback, ..CompletionConfig::default() },
+            ..AgentRunConfig::default()
+        };
+        c.agents.insert(AGENT.into(), AgentConfig { run, ..AgentConfig::default() });
+        c.trigger_worker.run_deadline = Duration::from_secs(600);
+    })
+    .await;
+    h.spawn_replica().await;
+    h.spawn_poller(agentbridge_trigger_worker::Metrics::new().expect("metrics")).await;
+    let (a, a_bytes) = h.event("webhook-a");
+    h.publish(&a, &a_bytes).await;
+    let patience = h.patience();
+    eventually(patience, "triggered", || h.count(outcome::TRIGGERED) == 1).await;
+    assert_eq!(seen.lock().expect("lock")[0].1["background"], true, "a background response");
+    let run_id = h.run_of(&a).await;
+    assert!(
+        h.completions(Duration::from_millis(1500)).await.is_empty(),
+        "a callback-mode run is not polled on its own"
+    );
+
+    // What the callback-dispatcher does with the signed `response.completed` webhook.
+    h.store.schedule_poll(&run_id, chrono::Utc::now().timestamp_millis()).await.expect("schedule poll");
+    let completions = h.completions(Duration::from_secs(3)).await;
+    assert_eq!(completions.len(), 1, "{completions:?}");
+    let e = &completions[0];
+    assert_eq!((e.ty.as_str(), e.subject.as_deref()), (RUN_COMPLETED, Some(run_id.as_str())));
+    assert_eq!(e.idempotencykey.as_deref(), Some(a.as_str()));
+    let c: Completion = serde_json::from_value(e.data.clone()).expect("Completion");
+    let input = json!({"ticket_id": "webhook-a", "subject": "Printer on fire", "latest_message": "It is down"});
+    assert_eq!(c.output, Some(output_for(AGENT, &input)));
+    assert!(!h.store.cancel_deadline(&run_id).await.expect("store"), "the deadline was cancelled");
+    h.stop().await;
 }
 
 /// `responses` in sync mode: the blocking call's answer is published as the completion before
@@ -990,6 +1061,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sync_mode_publishes_the_answer_as_the_completion() {
                 super::sync_mode_publishes_the_answer_as_the_completion(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn callback_mode_responses_complete_when_their_webhook_schedules_a_poll() {
+                super::callback_mode_responses_complete_when_their_webhook_schedules_a_poll(Backend::$backend).await
             }
         }
     };

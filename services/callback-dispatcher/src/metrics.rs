@@ -10,6 +10,8 @@ pub mod callback {
     pub const ACCEPTED: &str = "accepted";
     pub const REPLAY: &str = "replay";
     pub const UNKNOWN_TYPE: &str = "unknown_type";
+    /// A Responses API webhook: the response is polled now instead (`server::RESPONSE_FINISHED`).
+    pub const POLL_SCHEDULED: &str = "poll_scheduled";
     pub const REJECTED: &str = "rejected";
     pub const UNAVAILABLE: &str = "unavailable";
 }

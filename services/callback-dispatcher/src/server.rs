@@ -112,6 +112,9 @@ async fn handle(
             return answer(StatusCode::BAD_REQUEST, "body_invalid");
         }
     };
+    if RESPONSE_FINISHED.contains(&parsed.ty.as_str()) {
+        return poll_now(&s, &parsed.data, done).await;
+    }
     if parsed.ty != RUN_COMPLETED && parsed.ty != RUN_FAILED {
         debug!(event_type = %parsed.ty, "callback of an unknown event type acknowledged");
         done(outcome::UNKNOWN_TYPE, "unknown_type");
@@ -162,6 +165,38 @@ async fn handle(
     }
     done(outcome::ACCEPTED, "ok");
     answer(StatusCode::OK, "accepted")
+}
+
+/// The OpenAI Responses API's webhook events of a finished response (Standard Webhooks
+/// signatures, checked above). They carry only the response's id (`data.id`), not its output,
+/// so they are not a completion: they ask the trigger-worker's poller to fetch the response
+/// now (`Store::schedule_poll`), and the poller publishes the completion as for `poll` mode.
+/// Without them a `responses` run in `callback` mode would wait for its watchdog deadline.
+pub const RESPONSE_FINISHED: [&str; 4] =
+    ["response.completed", "response.failed", "response.cancelled", "response.incomplete"];
+
+/// Schedules the poll of the response a [`RESPONSE_FINISHED`] webhook names. No replay
+/// protection is needed: scheduling a poll again only moves it, a poll of a run whose
+/// completion was published publishes nothing, and an id without run state is dropped by the
+/// poller. A store failure answers 503, so the platform delivers the webhook again.
+async fn poll_now(s: &CallbackState, data: &Value, done: impl Fn(&str, &str)) -> Response {
+    let Some(id) = data.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()) else {
+        warn!("response webhook without data.id");
+        done(outcome::REJECTED, "data_invalid");
+        return answer(StatusCode::BAD_REQUEST, "data_invalid");
+    };
+    match s.store.schedule_poll(id, chrono::Utc::now().timestamp_millis()).await {
+        Ok(()) => {
+            debug!(run_id = id, "response webhook: poll scheduled");
+            done(outcome::POLL_SCHEDULED, "ok");
+            answer(StatusCode::OK, "poll_scheduled")
+        }
+        Err(e) => {
+            warn!(error = %e, run_id = id, "cannot schedule the poll of a finished response");
+            done(outcome::UNAVAILABLE, "store");
+            answer(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+    }
 }
 
 /// The `completions` CloudEvent of one finished run (see [`agentbridge_contracts::completion`]):

@@ -4,10 +4,9 @@
 //!
 //! Two ways to run, by `completion.mode`:
 //! - `poll` (and `callback`): `background: true`, so the call returns at once with a response
-//!   id (the run id); the worker polls it until it is final. (The platform's
-//!   `response.completed` webhook carries only the id, not the output, so the dispatcher does
-//!   not take it as a completion; with `callback` the run is found by the watchdog's poll at
-//!   its deadline.)
+//!   id (the run id); the worker polls it until it is final. With `callback`, the platform's
+//!   `response.completed` webhook carries only the id, not the output: the callback-dispatcher
+//!   schedules a poll of it, and the poller publishes the completion.
 //! - `sync`: `background: false`, the call blocks until the response is final and its answer
 //!   is the finished run ([`TriggerAccepted::run`]), published as the completion at once.
 //!
