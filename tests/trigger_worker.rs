@@ -767,22 +767,27 @@ async fn responses_fake() -> (String, SeenCalls) {
     (format!("http://{addr}/v1"), seen)
 }
 
+/// The `support-triage` agent on the `responses` backend at `base_url`, in completion `mode`.
+fn responses_agent(base_url: String, mode: CompletionMode) -> AgentRunConfig {
+    AgentRunConfig {
+        backend: BackendKind::Responses,
+        base_url: Some(base_url),
+        model: Some("gpt-test".into()),
+        output_schema: Some(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support-triage/output.schema.json"),
+        ),
+        completion: CompletionConfig { mode, ..CompletionConfig::default() },
+        ..AgentRunConfig::default()
+    }
+}
+
 /// `responses` in callback mode: the platform's `response.completed` webhook carries only the
 /// response id, so the callback-dispatcher schedules a poll of it (`RESPONSE_FINISHED`); the
 /// poller then publishes the completion at once, not at the watchdog's deadline.
 pub async fn callback_mode_responses_complete_when_their_webhook_schedules_a_poll(backend: Backend) {
     let (base_url, seen) = responses_fake().await;
     let mut h = Harness::new(backend, Knobs::default(), |c| {
-        let run = AgentRunConfig {
-            backend: BackendKind::Responses,
-            base_url: Some(base_url),
-            model: Some("gpt-test".into()),
-            output_schema: Some(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support-triage/output.schema.json"),
-            ),
-            completion: CompletionConfig { mode: CompletionMode::Callback, ..CompletionConfig::default() },
-            ..AgentRunConfig::default()
-        };
+        let run = responses_agent(base_url, CompletionMode::Callback);
         c.agents.insert(AGENT.into(), AgentConfig { run, ..AgentConfig::default() });
         c.trigger_worker.run_deadline = Duration::from_secs(600);
     })
@@ -820,16 +825,9 @@ pub async fn sync_mode_publishes_the_answer_as_the_completion(backend: Backend) 
     let (base_url, seen) = responses_fake().await;
     let mut h = Harness::new(backend, Knobs::default(), |c| {
         let run = AgentRunConfig {
-            backend: BackendKind::Responses,
-            base_url: Some(base_url),
-            model: Some("gpt-test".into()),
-            output_schema: Some(
-                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/support-triage/output.schema.json"),
-            ),
-            completion: CompletionConfig { mode: CompletionMode::Sync, ..CompletionConfig::default() },
             // A blocking call must still end within the claim's lease.
             request_timeout: Duration::from_secs(5),
-            ..AgentRunConfig::default()
+            ..responses_agent(base_url, CompletionMode::Sync)
         };
         c.agents.insert(AGENT.into(), AgentConfig { run, ..AgentConfig::default() });
     })
