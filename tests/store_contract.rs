@@ -370,6 +370,94 @@ async fn concurrent_admissions_claim_once(backend: Backend) {
     ctx.cleanup().await;
 }
 
+/// Many events admitted, recorded and committed at once (on Redis they share flushes: several
+/// admissions in one script call, several commits in another): each gets its own answer, the
+/// shared limiter admits exactly its burst, a held flag holds every one of them, and a commit
+/// with a stale token is refused beside good ones.
+async fn concurrent_admissions_and_commits_answer_each_event(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    const EVENTS: usize = 40;
+    const BURST: u32 = 10;
+    // A limiter that refills one event per hour: exactly its burst is admitted.
+    let rate = Rate { limit: 1, period: Duration::from_secs(3600), burst: BURST };
+    let admit_all = |flags: &'static [&'static str], tag: &'static str| {
+        let tasks: Vec<_> = (0..EVENTS)
+            .map(|i| {
+                let store = ctx.client(i);
+                tokio::spawn(async move {
+                    let key = format!("{tag}-{i}");
+                    let got = store.admit(&gate(flags, Some(("lim-many", rate)), &key)).await.expect("admit");
+                    (key, got)
+                })
+            })
+            .collect();
+        async move {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task"));
+            }
+            out
+        }
+    };
+
+    // Paused: every one is held, none spends a token or takes its claim.
+    ctx.a.set_flag("paused:many", "operator", None).await.expect("pause");
+    for (_, got) in admit_all(&["paused:many"], "held").await {
+        assert_eq!(got, Admission::Held { flag: 0, value: "operator".into() });
+    }
+    ctx.a.clear_flag("paused:many").await.expect("resume");
+
+    let results = admit_all(&["paused:many"], "ev").await;
+    let mut claimed = Vec::new();
+    for (key, got) in results {
+        match got {
+            Admission::Claimed(Claim::Acquired { token }) => claimed.push((key, token)),
+            Admission::RateLimited { retry_after } => {
+                assert!(retry_after > Duration::from_secs(3000), "{retry_after:?}")
+            }
+            other => panic!("unexpected admission {other:?}"),
+        }
+    }
+    assert_eq!(claimed.len(), BURST as usize, "the shared limiter admits exactly its burst");
+
+    // Commit them all at once, plus one with a token that is not the holder's.
+    let (stale_key, _) = claimed[0].clone();
+    let mut tasks: Vec<_> = claimed
+        .iter()
+        .enumerate()
+        .map(|(i, (key, token))| {
+            let (store, key, token) = (ctx.client(i), key.clone(), token.clone());
+            tokio::spawn(
+                async move { store.commit(&key, &token, &format!("run-{key}"), Duration::from_secs(60)).await },
+            )
+        })
+        .collect();
+    let store = ctx.client(1);
+    tasks.push(tokio::spawn(async move {
+        store.commit(&stale_key, "not-the-token", "run-x", Duration::from_secs(60)).await
+    }));
+    let mut committed = 0;
+    for (i, t) in tasks.into_iter().enumerate() {
+        let ok = t.await.expect("task").expect("commit");
+        if i < claimed.len() {
+            assert!(ok, "the holder's commit succeeds");
+            committed += 1;
+        } else {
+            assert!(!ok, "a stale token commits nothing");
+        }
+    }
+    assert_eq!(committed, BURST as usize);
+    for (key, _) in &claimed {
+        let got = ctx.b.admit(&gate(&[], None, key)).await.expect("admit");
+        assert_eq!(
+            got,
+            Admission::Claimed(Claim::Done { value: format!("run-{key}") }),
+            "committed with its own value"
+        );
+    }
+    ctx.cleanup().await;
+}
+
 async fn record_run_writes_state_deadline_and_poll(backend: Backend) {
     let ctx = Ctx::new(backend).await;
     let ttl = Duration::from_secs(60);
@@ -701,6 +789,10 @@ macro_rules! contract {
                 super::concurrent_admissions_claim_once(Backend::$backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn concurrent_admissions_and_commits_answer_each_event() {
+                super::concurrent_admissions_and_commits_answer_each_event(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn record_run_writes_state_deadline_and_poll() {
                 super::record_run_writes_state_deadline_and_poll(Backend::$backend).await
             }
@@ -870,6 +962,29 @@ mod fail_closed {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         start.elapsed()
+    }
+
+    /// Redis forgets its scripts when it restarts (here: `SCRIPT FLUSH`); the batched admission
+    /// and commit load theirs again and answer, without a failed call.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scripts_flushed_from_redis_are_loaded_again() {
+        let prefix = format!("abtest:{}", unique_prefix());
+        let config =
+            StoreConfig { kind: StoreKind::Redis, redis: redis_config(&redis_url(), &prefix, Duration::from_secs(2)) };
+        let store = agentbridge_store::connect(&config).await.expect("store");
+        let lease = Duration::from_secs(30);
+        let g = Gate { hold_flags: &["paused:s"], rate_limit: None, claim_key: "s1", lease };
+        let Admission::Claimed(Claim::Acquired { token: t1 }) = store.admit(&g).await.expect("admit") else {
+            panic!("expected a claim")
+        };
+        let client = redis::Client::open(redis_url()).expect("redis url");
+        let mut conn = client.get_multiplexed_async_connection().await.expect("connection");
+        redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut conn).await.expect("SCRIPT FLUSH");
+        assert!(store.commit("s1", &t1, "run-1", Duration::from_secs(60)).await.expect("commit after flush"));
+        redis::cmd("SCRIPT").arg("FLUSH").query_async::<()>(&mut conn).await.expect("SCRIPT FLUSH");
+        let got = store.admit(&g).await.expect("admit after flush");
+        assert_eq!(got, Admission::Claimed(Claim::Done { value: "run-1".into() }));
+        delete_redis_keys(&prefix).await;
     }
 
     /// Down at start-up, up later, down again, up again: the same store object fails closed

@@ -20,7 +20,7 @@ use agentbridge_config::{StoreConfig, StoreKind};
 use async_trait::async_trait;
 
 /// Store failures: all mean "could not get an answer", never "the answer is no".
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),

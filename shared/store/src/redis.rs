@@ -3,7 +3,11 @@
 //! Guarantees:
 //! - Every multi-step operation (claim, admit, commit, release, reopen, rate limit, take due
 //!   deadlines) is one Lua script, so replicas never interleave inside it; single-step ones are
-//!   one command. `record_run` is a pipeline (its parts are independent and repeatable).
+//!   one command. `record_run` is plain commands (its parts are independent and repeatable).
+//! - The trigger-worker's per-event calls (`admit`, `commit`, `record_run`) are grouped: the
+//!   requests of concurrent events are sent together, one pipeline per flush with every
+//!   admission in one script call and every commit in another ([`batch`]). Each keeps the
+//!   semantics of its own call; they only share the round trip (and fail together with it).
 //!   The exception is `list_flags`, a `SCAN` walk (never `KEYS`, which blocks Redis): it is not
 //!   a snapshot, so a flag set or cleared during the walk may or may not be listed.
 //! - The rate limiter reads the clock with `redis.call('TIME')`, so replicas whose own clocks
@@ -34,6 +38,9 @@ use agentbridge_config::RedisConfig;
 use async_trait::async_trait;
 
 use crate::memory::{ttl_ms, Gcra};
+use batch::{AdmitRequest, Batcher, Op};
+
+mod batch;
 use crate::{Admission, Claim, Gate, Rate, RateDecision, Reopen, Store, StoreError};
 
 /// Lua functions shared by the scripts that claim or rate-limit (prepended to them), so each
@@ -44,7 +51,9 @@ use crate::{Admission, Claim, Gate, Rate, RateDecision, Reopen, Store, StoreErro
 ///
 /// `gcra`: GCRA, transcribed from `Gcra::decide`; `interval` and `capacity` in µs. Returns 0
 /// when the event is allowed (and consumed), else the milliseconds until one would be (>= 1).
-/// It reads the clock with `TIME`, so replicas whose own clocks disagree share one timeline.
+/// It reads the clock with `TIME` (`clock`), so replicas whose own clocks disagree share one
+/// timeline. Its rule (`gcra_step`: the new theoretical arrival time, or the wait) and its write
+/// (`gcra_store`) are separate so a batch can read a limiter once and write it once.
 /// Lua numbers are doubles: microseconds since 1970 (~2^51) are exact, but `tostring` would
 /// print them in exponent form, hence `%.0f`.
 const FUNCTIONS: &str = r"
@@ -61,51 +70,30 @@ local function claim(key, token, lease_ms)
   end
   return {'held', v}
 end
-local function gcra(key, interval, capacity)
+local function clock()
   local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  local tat = tonumber(redis.call('GET', key) or '')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local function gcra_step(tat, now, interval, capacity)
   if tat == nil or tat < now then tat = now end
   local new_tat = tat + interval
   local ahead = new_tat - now
-  if ahead <= capacity then
-    redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
-    return 0
-  end
-  return math.ceil((ahead - capacity) / 1000)
+  if ahead <= capacity then return 0, new_tat end
+  return math.ceil((ahead - capacity) / 1000), tat
+end
+local function gcra_store(key, tat, now)
+  redis.call('SET', key, string.format('%.0f', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+end
+local function gcra(key, interval, capacity)
+  local now = clock()
+  local wait, tat = gcra_step(tonumber(redis.call('GET', key) or ''), now, interval, capacity)
+  if wait == 0 then gcra_store(key, tat, now) end
+  return wait
 end
 ";
 
 /// `Store::claim`. KEYS: the dedup key. ARGV: token, lease ms.
 const CLAIM: &str = "return claim(KEYS[1], ARGV[1], ARGV[2])";
-
-/// `Store::admit`. KEYS: the hold flags, then the limiter (when ARGV[2] is '1'), then the
-/// dedup key. ARGV: number of flags, '1' when rate limited, interval µs, capacity µs, token,
-/// lease ms. Replies `{'flag', <0-based index>, <value>}`, `{'rate', <retry-after ms>}`, or
-/// the claim's reply.
-const ADMIT: &str = r"
-local n = tonumber(ARGV[1])
-for i = 1, n do
-  local v = redis.call('GET', KEYS[i])
-  if v then return {'flag', string.format('%d', i - 1), v} end
-end
-local k = n + 1
-if ARGV[2] == '1' then
-  local wait = gcra(KEYS[k], tonumber(ARGV[3]), tonumber(ARGV[4]))
-  if wait > 0 then return {'rate', string.format('%d', wait)} end
-  k = k + 1
-end
-return claim(KEYS[k], ARGV[5], ARGV[6])
-";
-
-/// Turn the caller's claim into the committed value; 1 if it still held the claim, else 0.
-const COMMIT: &str = r"
-if redis.call('GET', KEYS[1]) == 'claimed:' .. ARGV[1] then
-  redis.call('SET', KEYS[1], 'done:' .. ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-";
 
 /// Drop the caller's claim; 1 if it still held it, else 0.
 const RELEASE: &str = r"
@@ -168,8 +156,6 @@ const SCAN_COUNT: usize = 1000;
 
 struct Scripts {
     claim: Script,
-    admit: Script,
-    commit: Script,
     release: Script,
     reopen: Script,
     rate_limit: Script,
@@ -183,6 +169,8 @@ pub struct RedisStore {
     prefix: String,
     timeout: Duration,
     scripts: Scripts,
+    /// Admissions, commits and run records go out in groups (see [`batch`]).
+    batch: Batcher,
 }
 
 /// Hand-written so the connection (whose `Debug` includes the connection info) never reaches a
@@ -213,13 +201,12 @@ impl RedisStore {
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config)
             .map_err(|e| StoreError::Unavailable(format!("cannot set up the Redis connection: {e}")))?;
         let store = RedisStore {
+            batch: Batcher::start(conn.clone(), FUNCTIONS, config.timeout),
             conn,
             prefix: config.key_prefix.clone(),
             timeout: config.timeout,
             scripts: Scripts {
                 claim: Script::new(&format!("{FUNCTIONS}{CLAIM}")),
-                admit: Script::new(&format!("{FUNCTIONS}{ADMIT}")),
-                commit: Script::new(COMMIT),
                 release: Script::new(RELEASE),
                 reopen: Script::new(REOPEN),
                 rate_limit: Script::new(&format!("{FUNCTIONS}{RATE_LIMIT}")),
@@ -260,7 +247,7 @@ impl RedisStore {
     {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.classify(e)),
+            Ok(Err(e)) => Err(classify(e, self.timeout)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         }
     }
@@ -274,27 +261,27 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         self.run(inv.invoke_async(&mut conn)).await
     }
+}
 
-    /// Server-side logic errors and undecodable replies are `Protocol` (retrying will not help
-    /// and someone must look); everything else means Redis could not be asked right now.
-    fn classify(&self, e: RedisError) -> StoreError {
-        if e.is_timeout() {
-            return StoreError::Timeout(self.timeout);
-        }
-        match e.kind() {
-            ErrorKind::Parse
-            | ErrorKind::UnexpectedReturnType
-            | ErrorKind::Extension
-            | ErrorKind::Server(
-                ServerErrorKind::ResponseError
-                | ServerErrorKind::ExecAbort
-                | ServerErrorKind::NoScript
-                | ServerErrorKind::CrossSlot
-                | ServerErrorKind::NotBusy
-                | ServerErrorKind::NoSub,
-            ) => StoreError::Protocol(e.to_string()),
-            _ => StoreError::Unavailable(e.to_string()),
-        }
+/// Server-side logic errors and undecodable replies are `Protocol` (retrying will not help and
+/// someone must look); everything else means Redis could not be asked right now.
+fn classify(e: RedisError, timeout: Duration) -> StoreError {
+    if e.is_timeout() {
+        return StoreError::Timeout(timeout);
+    }
+    match e.kind() {
+        ErrorKind::Parse
+        | ErrorKind::UnexpectedReturnType
+        | ErrorKind::Extension
+        | ErrorKind::Server(
+            ServerErrorKind::ResponseError
+            | ServerErrorKind::ExecAbort
+            | ServerErrorKind::NoScript
+            | ServerErrorKind::CrossSlot
+            | ServerErrorKind::NotBusy
+            | ServerErrorKind::NoSub,
+        ) => StoreError::Protocol(e.to_string()),
+        _ => StoreError::Unavailable(e.to_string()),
     }
 }
 
@@ -344,22 +331,27 @@ impl Store for RedisStore {
 
     async fn admit(&self, gate: &Gate<'_>) -> Result<Admission, StoreError> {
         let token = uuid::Uuid::new_v4().to_string();
-        let mut inv = self.scripts.admit.prepare_invoke();
-        for name in gate.hold_flags {
-            inv.key(self.key("flag", name));
-        }
-        inv.arg(gate.hold_flags.len());
-        match gate.rate_limit {
+        let mut keys = Vec::with_capacity(gate.hold_flags.len() + 2);
+        keys.extend(gate.hold_flags.iter().map(|name| self.key("flag", name)));
+        let (limited, interval, capacity) = match gate.rate_limit {
             Some((limiter, rate)) => {
                 let g = Gcra::new(rate);
-                inv.key(self.key("rate", limiter)).arg(1).arg(g.interval_us).arg(g.capacity_us);
+                keys.push(self.key("rate", limiter));
+                ("1", g.interval_us.to_string(), g.capacity_us.to_string())
             }
-            None => {
-                inv.arg(0).arg(0).arg(0);
-            }
-        }
-        inv.key(self.key("dedup", gate.claim_key)).arg(&token).arg(ttl_ms(gate.lease));
-        let reply: Vec<String> = self.invoke(&inv).await?;
+            None => ("0", "0".into(), "0".into()),
+        };
+        keys.push(self.key("dedup", gate.claim_key));
+        let args = [
+            gate.hold_flags.len().to_string(),
+            limited.into(),
+            interval,
+            capacity,
+            token.clone(),
+            ttl_ms(gate.lease).to_string(),
+        ];
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let reply = self.batch.submit(Op::Admit(AdmitRequest { keys, args }, tx), rx, self.timeout).await?;
         match reply.first().map(String::as_str) {
             Some("flag") => match reply.as_slice() {
                 [_, index, value] => {
@@ -382,9 +374,9 @@ impl Store for RedisStore {
     }
 
     async fn commit(&self, key: &str, token: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
-        let done: i64 =
-            self.invoke(self.scripts.commit.key(self.key("dedup", key)).arg(token).arg(value).arg(ttl_ms(ttl))).await?;
-        Ok(done == 1)
+        let args = [self.key("dedup", key), token.to_string(), value.to_string(), ttl_ms(ttl).to_string()];
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.batch.submit(Op::Commit(args, tx), rx, self.timeout).await
     }
 
     async fn release(&self, key: &str, token: &str) -> Result<bool, StoreError> {
@@ -498,16 +490,22 @@ impl Store for RedisStore {
         deadline_unix_ms: i64,
         first_poll_unix_ms: Option<i64>,
     ) -> Result<(), StoreError> {
-        // One write and one read on the connection instead of two or three round trips. Not
+        // Sent with the flush's other requests instead of two or three round trips. Not
         // MULTI/EXEC: every part is safe to repeat, and the caller retries the whole on `Err`.
-        let mut pipe = ::redis::pipe();
-        pipe.cmd("SET").arg(self.key("run", run_id)).arg(state).arg("PX").arg(ttl_ms(ttl)).ignore();
-        pipe.cmd("ZADD").arg(self.deadlines_key()).arg(deadline_unix_ms).arg(run_id).ignore();
+        let mut cmds = Vec::with_capacity(3);
+        let mut set = ::redis::cmd("SET");
+        set.arg(self.key("run", run_id)).arg(state).arg("PX").arg(ttl_ms(ttl));
+        cmds.push(set);
+        let mut deadline = ::redis::cmd("ZADD");
+        deadline.arg(self.deadlines_key()).arg(deadline_unix_ms).arg(run_id);
+        cmds.push(deadline);
         if let Some(at) = first_poll_unix_ms {
-            pipe.cmd("ZADD").arg(self.polls_key()).arg(at).arg(run_id).ignore();
+            let mut poll = ::redis::cmd("ZADD");
+            poll.arg(self.polls_key()).arg(at).arg(run_id);
+            cmds.push(poll);
         }
-        let mut conn = self.conn.clone();
-        self.run(pipe.query_async::<()>(&mut conn)).await
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.batch.submit(Op::Commands(cmds, tx), rx, self.timeout).await
     }
 
     async fn delete_run(&self, run_id: &str) -> Result<(), StoreError> {
