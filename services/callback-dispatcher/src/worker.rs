@@ -849,18 +849,18 @@ impl Worker {
     }
 
     async fn publish_run(&self, ctx: &RunContext, ev: &RunEvent) -> Result<(), TransportError> {
-        let data = serde_json::to_value(ev).unwrap_or(Value::Null);
         // Deterministic ids, like the trigger-worker's: a repeated step has the same id, each
         // re-run's steps are new events.
         let mut e = Envelope::new(
             run_event_id(&ctx.idempotency_key, ctx.rerun, ev.stage),
             format!("agentbridge/{SERVICE}"),
             RUN_EVENT_TYPE,
-            data,
+            Value::Null,
         );
         e.time = Some(ev.at);
         stamp(&mut e, ctx);
-        self.transport.publish(&self.topics.runs(), Message::new(Some(ctx.idempotency_key.clone()), e.to_vec())).await
+        let bytes = e.to_vec_with_data(ev);
+        self.transport.publish(&self.topics.runs(), Message::new(Some(ctx.idempotency_key.clone()), bytes)).await
     }
 
     /// Applies an allowed output to the run's write-back target, at most once per run: a Redis

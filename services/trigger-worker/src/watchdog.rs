@@ -162,7 +162,7 @@ impl Watchdog {
         ev.detail = Some(detail.clone());
         let timed_out = lifecycle(&event, &ev);
         self.transport
-            .publish(&self.topics.runs(), Message::new(Some(key.clone()), timed_out.to_vec()))
+            .publish(&self.topics.runs(), Message::new(Some(key.clone()), timed_out))
             .await
             .map_err(|e| format!("publish timed_out event: {e}"))?;
         let origin = Origin {
