@@ -171,8 +171,81 @@ impl Envelope {
                 });
             }
         }
-        serde_json::from_value(value)
-            .map_err(|e| EnvelopeError::Invalid { name: "envelope".into(), reason: e.to_string() })
+        let Value::Object(obj) = value else { return Err(EnvelopeError::NotAnObject) };
+        Self::from_checked(obj)
+    }
+
+    /// Moves the checked attributes into their fields. Every service parses every message it
+    /// consumes: moving the strings out of the parsed map costs a third of what `from_value`
+    /// did (with the flattened extensions it copied the whole event, data included, into
+    /// serde's buffer first). Type errors read as `from_value`'s did, in the same (sorted) order.
+    fn from_checked(mut obj: serde_json::Map<String, Value>) -> Result<Self, EnvelopeError> {
+        fn required(obj: &mut serde_json::Map<String, Value>, name: &'static str) -> String {
+            // Checked above: present, a non-empty string.
+            match obj.remove(name) {
+                Some(Value::String(s)) => s,
+                _ => String::new(),
+            }
+        }
+        // Optional string attributes, in sorted order (the order `from_value` met them in).
+        const OPTIONAL: [&str; 12] = [
+            "agent",
+            "agentversion",
+            "businessprocess",
+            "costcenter",
+            "datacontenttype",
+            "dataschema",
+            "department",
+            "environment",
+            "idempotencykey",
+            "sourceeventid",
+            "subject",
+            "traceparent",
+        ];
+        let mut strings: [Option<String>; 12] = Default::default();
+        for (slot, name) in strings.iter_mut().zip(OPTIONAL) {
+            *slot = match obj.remove(name) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s),
+                Some(other) => {
+                    let reason =
+                        serde_json::from_value::<String>(other).err().map(|e| e.to_string()).unwrap_or_default();
+                    return Err(EnvelopeError::Invalid { name: "envelope".into(), reason });
+                }
+            };
+        }
+        let [agent, agentversion, businessprocess, costcenter, datacontenttype, dataschema, department, environment, idempotencykey, sourceeventid, subject, traceparent] =
+            strings;
+        // Checked above: non-negative integers within u32.
+        let small = |v: Option<Value>| v.and_then(|v| v.as_u64()).and_then(|n| u32::try_from(n).ok());
+        let time = match obj.remove("time") {
+            None | Some(Value::Null) => None,
+            // Checked above: an RFC 3339 timestamp.
+            Some(v) => v.as_str().and_then(|t| DateTime::parse_from_rfc3339(t).ok()).map(|t| t.with_timezone(&Utc)),
+        };
+        Ok(Self {
+            specversion: required(&mut obj, "specversion"),
+            id: required(&mut obj, "id"),
+            source: required(&mut obj, "source"),
+            ty: required(&mut obj, "type"),
+            time,
+            subject,
+            datacontenttype,
+            dataschema,
+            data: obj.remove("data").unwrap_or(Value::Null),
+            idempotencykey,
+            agent,
+            agentversion,
+            businessprocess,
+            costcenter,
+            department,
+            environment,
+            sourceeventid,
+            traceparent,
+            attempt: small(obj.remove("attempt")),
+            rerun: small(obj.remove("rerun")),
+            extensions: obj.into_iter().collect(),
+        })
     }
 
     /// Deterministic structured-mode JSON.
@@ -306,6 +379,18 @@ mod tests {
         assert!(matches!(bad_attempt, Err(EnvelopeError::Invalid { .. })), "{bad_attempt:?}");
         let bad_rerun = Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","rerun":-1}"#);
         assert!(matches!(&bad_rerun, Err(EnvelopeError::Invalid { name, .. }) if name == "rerun"), "{bad_rerun:?}");
+        let number = Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":5}"#);
+        assert_eq!(
+            number,
+            Err(EnvelopeError::Invalid {
+                name: "envelope".into(),
+                reason: "invalid type: integer `5`, expected a string".into()
+            })
+        );
+        let nulls =
+            Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","subject":null,"x":null}"#)
+                .expect("null attributes");
+        assert_eq!((nulls.subject, nulls.extensions.get("x")), (None, Some(&Value::Null)));
         let nested = Envelope::from_slice(br#"{"specversion":"1.0","id":"1","source":"s","type":"t","agent":{"a":1}}"#);
         assert!(matches!(nested, Err(EnvelopeError::Invalid { name, .. }) if name == "agent"));
     }
