@@ -37,14 +37,19 @@ pub fn idempotency_key(source: &str, source_event_id: &str) -> String {
     h.update(source.as_bytes());
     h.update(b":");
     h.update(source_event_id.as_bytes());
-    // Every event computes one: a direct loop rather than `hex::encode`'s char iterator.
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut key = String::with_capacity(64);
-    for b in h.finalize() {
-        key.push(char::from(DIGITS[usize::from(b >> 4)]));
-        key.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
+    push_hex(&mut key, &h.finalize());
     key
+}
+
+/// Appends lower-case hex of `bytes`. Every event computes a few (its key, its trace ids): a
+/// direct loop rather than `hex::encode`'s char iterator and a `String` per call.
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for &b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
 }
 
 /// The version every service stamps into dead letters and logs.

@@ -14,19 +14,12 @@ pub struct TraceParent {
 impl TraceParent {
     /// A new trace, started where an event enters the system.
     pub fn new_root() -> Self {
-        let id = uuid::Uuid::new_v4();
-        let span = uuid::Uuid::new_v4();
-        let mut parent_id = [0u8; 8];
-        parent_id.copy_from_slice(&span.as_bytes()[..8]);
-        Self { trace_id: *id.as_bytes(), parent_id, sampled: true }
+        Self { trace_id: nonzero_random(), parent_id: nonzero_random(), sampled: true }
     }
 
     /// The same trace with a new span id: what a stage puts on the messages it produces.
     pub fn child(&self) -> Self {
-        let mut next = Self::new_root();
-        next.trace_id = self.trace_id;
-        next.sampled = self.sampled;
-        next
+        Self { trace_id: self.trace_id, parent_id: nonzero_random(), sampled: self.sampled }
     }
 
     pub fn trace_id_hex(&self) -> String {
@@ -53,9 +46,27 @@ impl TraceParent {
     }
 }
 
+/// Random ids from the thread's CSPRNG (`rand::rng`, seeded from the OS): every produced event
+/// takes one or two, and asking the kernel each time (`getrandom`, as `Uuid::new_v4` does) was a
+/// system call per id. All-zero ids are invalid in W3C trace context.
+fn nonzero_random<const N: usize>() -> [u8; N] {
+    loop {
+        let id: [u8; N] = rand::random();
+        if id != [0; N] {
+            return id;
+        }
+    }
+}
+
 impl fmt::Display for TraceParent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "00-{}-{}-{:02x}", hex::encode(self.trace_id), hex::encode(self.parent_id), u8::from(self.sampled))
+        let mut s = String::with_capacity(55);
+        s.push_str("00-");
+        crate::push_hex(&mut s, &self.trace_id);
+        s.push('-');
+        crate::push_hex(&mut s, &self.parent_id);
+        s.push_str(if self.sampled { "-01" } else { "-00" });
+        f.write_str(&s)
     }
 }
 
@@ -73,5 +84,16 @@ mod tests {
         assert_ne!(child.parent_id, tp.parent_id);
         assert!(TraceParent::parse("00-000-00-01").is_none());
         assert!(TraceParent::parse("00-00000000000000000000000000000000-00f067aa0ba902b7-01").is_none());
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert_eq!(TraceParent::parse(unsampled).expect("valid").to_string(), unsampled);
+    }
+
+    #[test]
+    fn new_roots_are_valid_and_distinct() {
+        let roots: std::collections::HashSet<String> = (0..1000).map(|_| TraceParent::new_root().to_string()).collect();
+        assert_eq!(roots.len(), 1000);
+        for r in roots.iter().take(20) {
+            assert_eq!(TraceParent::parse(r).map(|t| t.to_string()).as_deref(), Some(r.as_str()));
+        }
     }
 }

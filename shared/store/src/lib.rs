@@ -19,6 +19,12 @@ use std::time::Duration;
 use agentbridge_config::{StoreConfig, StoreKind};
 use async_trait::async_trait;
 
+/// A fresh claim token: unique per claim, from the thread's CSPRNG (`rand::rng`) rather than a
+/// `getrandom` system call per claim as `Uuid::new_v4` makes.
+pub(crate) fn new_token() -> String {
+    uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string()
+}
+
 /// Store failures: all mean "could not get an answer", never "the answer is no".
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

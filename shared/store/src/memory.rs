@@ -251,7 +251,7 @@ impl Store for MemoryStore {
                 Dedup::Done { value } => Claim::Done { value: value.clone() },
             });
         }
-        let token = uuid::Uuid::new_v4().to_string();
+        let token = crate::new_token();
         s.dedup.insert(key.to_string(), Expiring::new(Dedup::Claimed { token: token.clone() }, Some(lease), now));
         s.after_insert(now);
         Ok(Claim::Acquired { token })

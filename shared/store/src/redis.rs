@@ -323,14 +323,14 @@ impl Store for RedisStore {
     }
 
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
-        let token = uuid::Uuid::new_v4().to_string();
+        let token = crate::new_token();
         let reply: Vec<String> =
             self.invoke(self.scripts.claim.key(self.key("dedup", key)).arg(&token).arg(ttl_ms(lease))).await?;
         claim_of(&reply, key, token)
     }
 
     async fn admit(&self, gate: &Gate<'_>) -> Result<Admission, StoreError> {
-        let token = uuid::Uuid::new_v4().to_string();
+        let token = crate::new_token();
         let mut keys = Vec::with_capacity(gate.hold_flags.len() + 2);
         keys.extend(gate.hold_flags.iter().map(|name| self.key("flag", name)));
         let (limited, interval, capacity) = match gate.rate_limit {
