@@ -67,7 +67,7 @@ async fn main() {
     let pairs = OPS as f64 / elapsed.as_secs_f64();
     match raw {
         Some(raw) => println!(
-            "redis      agentbridge {pairs:>10.0} claim+commit/s ({:.0} scripts/s)   redis-benchmark SET NX {raw:>10.0} req/s   ratio {:>5.1} % (scripts vs SETs)",
+            "redis      agentbridge {pairs:>10.0} claim+commit/s ({:.0} store calls/s)   redis-benchmark SET NX {raw:>10.0} req/s   ratio {:>5.1} % (calls vs SETs)",
             2.0 * pairs,
             100.0 * 2.0 * pairs / raw
         ),
