@@ -3,8 +3,9 @@
 //! Every message after the raw stage is one of these. Parsing is strict (a missing `id` or a
 //! `specversion` other than `1.0` is an error that names the attribute) because a message that
 //! cannot be correlated must go to a dead letter, not half-way through the pipeline.
-//! Serialization is deterministic (fixed attribute order, sorted extension and data keys), so
-//! the same input always gives the same bytes, which makes duplicates visible and testable.
+//! Serialization is deterministic (fixed attribute order, sorted extension and data keys; data
+//! written from a struct keeps the struct's field order), so the same input always gives the
+//! same bytes, which makes duplicates visible and testable.
 
 use std::collections::BTreeMap;
 

@@ -4,12 +4,12 @@
 //! - Every multi-step operation (claim, admit, commit, release, reopen, rate limit, take due
 //!   deadlines) is one Lua script, so replicas never interleave inside it; single-step ones are
 //!   one command. `record_run` is plain commands (its parts are independent and repeatable).
+//!   The exception is `list_flags`, a `SCAN` walk (never `KEYS`, which blocks Redis): it is not
+//!   a snapshot, so a flag set or cleared during the walk may or may not be listed.
 //! - The trigger-worker's per-event calls (`admit`, `commit`, `record_run`) are grouped: the
 //!   requests of concurrent events are sent together, one pipeline per flush with every
 //!   admission in one script call and every commit in another ([`batch`]). Each keeps the
 //!   semantics of its own call; they only share the round trip (and fail together with it).
-//!   The exception is `list_flags`, a `SCAN` walk (never `KEYS`, which blocks Redis): it is not
-//!   a snapshot, so a flag set or cleared during the walk may or may not be listed.
 //! - The rate limiter reads the clock with `redis.call('TIME')`, so replicas whose own clocks
 //!   disagree still share one timeline; the maths is the memory store's `Gcra`, transcribed.
 //! - Every command is bounded by `store.redis.timeout`: past it the call returns
@@ -37,11 +37,12 @@ use ::redis::{ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind};
 use agentbridge_config::RedisConfig;
 use async_trait::async_trait;
 
-use crate::memory::{ttl_ms, Gcra};
 use batch::{AdmitRequest, Batcher, Op};
 
-mod batch;
+use crate::memory::{ttl_ms, Gcra};
 use crate::{Admission, Claim, Gate, Rate, RateDecision, Reopen, Store, StoreError};
+
+mod batch;
 
 /// Lua functions shared by the scripts that claim or rate-limit (prepended to them), so each
 /// rule is written once.
