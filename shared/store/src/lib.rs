@@ -152,8 +152,9 @@ pub trait Store: Send + Sync {
     /// Hold flags, rate limit and claim, in one step ([`Gate`]): what a consumer asks before
     /// every event. Same answers as calling `get_flag` on each flag, then `rate_limit`, then
     /// `claim`, stopping at the first that holds the event. The default does exactly that; the
-    /// Redis store runs it as one script, one round trip instead of up to four on the hot path
-    /// of every event (the keys must then live on one Redis node: no Redis Cluster).
+    /// Redis store runs it inside one script call shared with the admissions of concurrent
+    /// events, one round trip instead of up to four per event on the hot path (the keys must
+    /// then live on one Redis node: no Redis Cluster).
     async fn admit(&self, gate: &Gate<'_>) -> Result<Admission, StoreError> {
         for (flag, name) in gate.hold_flags.iter().enumerate() {
             if let Some(value) = self.get_flag(name).await? {
@@ -190,7 +191,8 @@ pub trait Store: Send + Sync {
     /// Records a started run at once: `put_run(run_id, state, ttl)`, `schedule_deadline(run_id,
     /// deadline_unix_ms)` and, when given, `schedule_poll(run_id, first_poll_unix_ms)`. Not
     /// atomic: on `Err` any part may have been applied, and each part is safe to repeat. The
-    /// default issues them concurrently; the Redis store sends them as one pipeline.
+    /// default issues them concurrently; the Redis store sends them with the other calls of its
+    /// current group, in one round trip.
     async fn record_run(
         &self,
         run_id: &str,
