@@ -91,13 +91,23 @@ impl Plan {
     pub fn apply_owned(&self, value: Value) -> Value {
         match (self, value) {
             (Plan::Object { properties, extra }, Value::Object(mut m)) => {
-                // One pass, one lookup per key: drop what is undeclared, minimize the rest.
-                m.retain(|k, v| match properties.get(k).or(extra.as_deref()) {
-                    None => false,
-                    Some(Plan::Keep) => true,
-                    Some(p) => {
-                        *v = p.apply_owned(std::mem::take(v));
-                        true
+                // One pass: drop what is undeclared, minimize the rest. The object and the
+                // declared names are both in key order, so the names are walked alongside the
+                // keys rather than looked up once per key.
+                let mut declared = properties.iter().peekable();
+                m.retain(|k, v| {
+                    while declared.next_if(|(name, _)| key_order(name, k).is_lt()).is_some() {}
+                    let plan = match declared.peek() {
+                        Some((name, plan)) if *name == k => Some(*plan),
+                        _ => extra.as_deref(),
+                    };
+                    match plan {
+                        None => false,
+                        Some(Plan::Keep) => true,
+                        Some(p) => {
+                            *v = p.apply_owned(std::mem::take(v));
+                            true
+                        }
                     }
                 });
                 Value::Object(m)
@@ -125,6 +135,15 @@ impl Plan {
             }
         }
         true
+    }
+}
+
+/// The byte order of two keys (the order of `Map` and `BTreeMap<String, _>`), settled by the
+/// first byte without a `memcmp` call when that differs, as it mostly does for field names.
+pub(crate) fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
+    match a.as_bytes().first().cmp(&b.as_bytes().first()) {
+        std::cmp::Ordering::Equal => a.cmp(b),
+        other => other,
     }
 }
 

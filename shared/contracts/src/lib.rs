@@ -9,12 +9,14 @@
 //!   under a configurable prefix.
 //! - [`events`]: the payloads of the `runs` (lifecycle) and `usage` topics.
 //! - [`completion`]: the payload of the `completions` topic (one finished agent run).
+//! - [`json`]: the envelope's fast JSON writer (serde_json's exact bytes).
 //! - [`idempotency_key`] and [`trace`]: how one business event is named across the pipeline.
 
 pub mod completion;
 pub mod dead_letter;
 pub mod envelope;
 pub mod events;
+pub mod json;
 pub mod topics;
 pub mod trace;
 
