@@ -9,6 +9,7 @@
 //! 3. **validate**: every error, as `<JSON pointer> <keyword>: <message>`, sorted, so the
 //!    `schema_invalid` detail is complete and the same for the same input.
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -96,11 +97,17 @@ impl Plan {
                 // keys rather than looked up once per key.
                 let mut declared = properties.iter().peekable();
                 m.retain(|k, v| {
-                    while declared.next_if(|(name, _)| key_order(name, k).is_lt()).is_some() {}
-                    let plan = match declared.peek() {
-                        Some((name, plan)) if *name == k => Some(*plan),
-                        _ => extra.as_deref(),
-                    };
+                    let mut plan = extra.as_deref();
+                    while let Some((name, p)) = declared.peek() {
+                        match key_order(name, k) {
+                            Ordering::Less => _ = declared.next(),
+                            Ordering::Equal => {
+                                plan = Some(*p);
+                                break;
+                            }
+                            Ordering::Greater => break,
+                        }
+                    }
                     match plan {
                         None => false,
                         Some(Plan::Keep) => true,
@@ -138,13 +145,16 @@ impl Plan {
     }
 }
 
-/// The byte order of two keys (the order of `Map` and `BTreeMap<String, _>`), settled by the
-/// first byte without a `memcmp` call when that differs, as it mostly does for field names.
-pub(crate) fn key_order(a: &str, b: &str) -> std::cmp::Ordering {
-    match a.as_bytes().first().cmp(&b.as_bytes().first()) {
-        std::cmp::Ordering::Equal => a.cmp(b),
-        other => other,
+/// The byte order of two keys (the order of `Map` and `BTreeMap<String, _>`), compared inline:
+/// field names are a few bytes long and mostly differ early, where a `memcmp` call costs more
+/// than the comparison.
+pub(crate) fn key_order(a: &str, b: &str) -> Ordering {
+    for (x, y) in a.bytes().zip(b.bytes()) {
+        if x != y {
+            return x.cmp(&y);
+        }
     }
+    a.len().cmp(&b.len())
 }
 
 /// One agent's compiled input contract.
@@ -340,6 +350,16 @@ mod tests {
             err,
             "/ required: \"id\" is a required property; /lines/0/n type: \"one\" is not of type \"integer\"; /when format: \"soon\" is not a \"date\""
         );
+    }
+
+    #[test]
+    fn key_order_is_byte_order() {
+        let keys = ["", "a", "ab", "b", "é", "id", "ids", "Id", "a\u{0}", "zz"];
+        for a in keys {
+            for b in keys {
+                assert_eq!(key_order(a, b), a.cmp(b), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]

@@ -30,47 +30,55 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
+    // Clean up to `start`: copied when the next escape (or the end) comes.
     let mut start = 0;
     let mut i = 0;
     while i < bytes.len() {
-        // Skip clean words without looking at their bytes one by one.
-        if let Some(chunk) = bytes.get(i..i + 8) {
-            let mut word = [0u8; 8];
-            word.copy_from_slice(chunk);
-            if !needs_escape(u64::from_le_bytes(word)) {
-                i += 8;
-                continue;
-            }
-        }
-        let b = bytes[i];
-        let escape: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => {
-                out.extend_from_slice(&bytes[start..i]);
-                const HEX: &[u8; 16] = b"0123456789abcdef";
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
-                i += 1;
-                start = i;
-                continue;
-            }
-            _ => {
-                i += 1;
-                continue;
-            }
+        // Eight bytes at a time. The last word of a string of eight bytes or more overlaps the
+        // one before it rather than being assembled from single bytes (a byte-wise copy then a
+        // word load stalls the CPU longer than the check takes).
+        let at = if i + 8 <= bytes.len() {
+            i
+        } else if bytes.len() >= 8 {
+            bytes.len() - 8
+        } else {
+            escape_bytes(out, bytes, &mut start, i, bytes.len());
+            break;
         };
-        out.extend_from_slice(&bytes[start..i]);
-        out.extend_from_slice(escape);
-        i += 1;
-        start = i;
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[at..at + 8]);
+        let end = at + 8;
+        if needs_escape(u64::from_le_bytes(word)) {
+            escape_bytes(out, bytes, &mut start, i, end);
+        }
+        i = end;
     }
     out.extend_from_slice(&bytes[start..]);
     out.push(b'"');
+}
+
+/// Escapes what needs it among `bytes[from..to]`, copying the clean run before each escape.
+fn escape_bytes(out: &mut Vec<u8>, bytes: &[u8], start: &mut usize, from: usize, to: usize) {
+    for (i, &b) in bytes.iter().enumerate().take(to).skip(from) {
+        if b >= 0x20 && b != b'"' && b != b'\\' {
+            continue;
+        }
+        out.extend_from_slice(&bytes[*start..i]);
+        *start = i + 1;
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]]);
+            }
+        }
+    }
 }
 
 /// Appends `v` as compact JSON, exactly as `serde_json::to_writer` would.
