@@ -17,6 +17,7 @@
 //! Concurrency: a semaphore bounds the events one process handles (`trigger_worker.max_in_flight`)
 //! and one per agent bounds its concurrent trigger calls (`agents.<alias>.run.max_in_flight`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -575,7 +576,7 @@ fn trigger_request(e: &Envelope, key: &str, agent: &str, rt: &AgentRuntime, call
 pub(crate) struct RunState<'a> {
     /// The normalized event as received (valid UTF-8: it parsed as JSON), so the watchdog can
     /// dead-letter the original bytes when the run never completes.
-    event: std::borrow::Cow<'a, str>,
+    event: Cow<'a, str>,
     run_id: &'a str,
     idempotency_key: &'a str,
     /// Which automatic re-run this run is (0: the first run); the dispatcher counts on.
@@ -619,7 +620,9 @@ fn run_state<'a>(
     run_id: &'a str,
 ) -> RunState<'a> {
     RunState {
-        event: String::from_utf8_lossy(original),
+        // It parsed as JSON, so it is UTF-8; the check is the fast one, the lossy
+        // conversion only a fallback.
+        event: std::str::from_utf8(original).map_or_else(|_| String::from_utf8_lossy(original), Cow::Borrowed),
         run_id,
         idempotency_key: key,
         rerun: e.rerun.unwrap_or(0),
