@@ -1,26 +1,9 @@
-//! `agentbridge-metering`: loads the configuration, sets up logging, runs the service until
-//! SIGTERM/SIGINT. Everything else lives in the library.
+//! `agentbridge-metering [--config FILE]`: runs the service until SIGTERM/SIGINT. The command
+//! line, configuration and telemetry are the shared service `main`; everything else lives in
+//! the library.
 
 use std::process::ExitCode;
 
-use agentbridge_config::Config;
-
-#[tokio::main]
-async fn main() -> ExitCode {
-    let config = match Config::load(None) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("invalid configuration:\n{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    agentbridge_runtime::telemetry::init(&config.telemetry);
-    let cancel = agentbridge_runtime::shutdown::on_signal();
-    match agentbridge_metering::service::run_until_stopped(config, cancel).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "metering stopped");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> ExitCode {
+    agentbridge_runtime::service::main("agentbridge-metering", agentbridge_metering::service::run_until_stopped)
 }

@@ -1,26 +1,12 @@
-//! `agentbridge-trigger-worker`: loads the configuration, sets up logging, runs the service
-//! until SIGTERM/SIGINT. Everything else lives in the library.
+//! `agentbridge-trigger-worker [--config FILE]`: runs the service until SIGTERM/SIGINT. The command
+//! line, configuration and telemetry are the shared service `main`; everything else lives in
+//! the library.
 
 use std::process::ExitCode;
 
-use agentbridge_config::Config;
-
-#[tokio::main]
-async fn main() -> ExitCode {
-    let config = match Config::load(None) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("invalid configuration:\n{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    agentbridge_runtime::telemetry::init(&config.telemetry);
-    let cancel = agentbridge_runtime::shutdown::on_signal();
-    match agentbridge_trigger_worker::service::run_until_stopped(config, cancel).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = %e, "trigger-worker stopped");
-            ExitCode::FAILURE
-        }
-    }
+fn main() -> ExitCode {
+    agentbridge_runtime::service::main(
+        "agentbridge-trigger-worker",
+        agentbridge_trigger_worker::service::run_until_stopped,
+    )
 }

@@ -7,6 +7,8 @@
 //! - [`shutdown`]: SIGTERM/SIGINT to a [`CancellationToken`] every loop watches, so a service
 //!   stops taking work, drains what is in flight, commits and exits.
 //! - [`backoff`]: the one retry policy (exponential, full jitter, capped) and helper.
+//! - [`service`]: the `main` of every service binary (command line, configuration, telemetry,
+//!   signals, exit code).
 //!
 //! It also sets the allocator of every process that links it (feature `mimalloc`, on by
 //! default). Every hot path of the pipeline allocates per event (JSON trees, envelopes, HTTP
@@ -16,6 +18,7 @@
 
 pub mod backoff;
 pub mod ops;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 
