@@ -181,10 +181,7 @@ impl Worker {
                 let me = me.clone();
                 async move {
                     me.metrics.in_flight().inc();
-                    // Boxed: the event's future is several KiB, and unboxed it was copied
-                    // whole through each layer of the task spawn (memmove 7 % of the Redis
-                    // phase's samples in `benches/trigger.rs`, 5 % boxed).
-                    Box::pin(me.handle(delivery)).await;
+                    me.handle(delivery).await;
                     me.metrics.in_flight().dec();
                 }
             },
