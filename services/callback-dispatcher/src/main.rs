@@ -1,6 +1,6 @@
-//! `agentbridge-callback-dispatcher [--config FILE]`: runs the service until SIGTERM/SIGINT. The command
-//! line, configuration and telemetry are the shared service `main`; everything else lives in
-//! the library.
+//! `agentbridge-callback-dispatcher [--config FILE]`: runs the service until SIGTERM/SIGINT.
+//! The command line, configuration and telemetry are the shared service `main`; everything
+//! else lives in the library.
 
 use std::process::ExitCode;
 
