@@ -30,7 +30,7 @@ async fn ours() -> Duration {
             for i in (w..OPS).step_by(CONCURRENCY) {
                 let key = format!("k{i}");
                 match store.claim(&key, lease).await.expect("claim") {
-                    Claim::Acquired { token } => {
+                    Claim::Acquired { token, .. } => {
                         assert!(store.commit(&key, &token, "run", ttl).await.expect("commit"));
                     }
                     other => panic!("fresh key not claimable: {other:?}"),

@@ -79,7 +79,7 @@ impl Ctx {
 
 fn token(c: Claim) -> String {
     match c {
-        Claim::Acquired { token } => token,
+        Claim::Acquired { token, .. } => token,
         other => panic!("expected an acquired claim, got {other:?}"),
     }
 }
@@ -106,7 +106,7 @@ async fn concurrent_claims_have_exactly_one_winner(backend: Backend) {
         let mut winners = Vec::new();
         for t in tasks {
             match t.await.expect("task") {
-                Claim::Acquired { token } => winners.push(token),
+                Claim::Acquired { token, .. } => winners.push(token),
                 Claim::InProgress => {}
                 other => panic!("nothing was committed, got {other:?}"),
             }
@@ -143,7 +143,7 @@ async fn dead_holders_claim_is_reclaimable_after_its_lease(backend: Backend) {
                 assert!(start.duration_since(a_end) < lease + slack, "still held {:?} after the lease", start - a_end);
                 seen_in_progress += 1;
             }
-            Claim::Acquired { token } => {
+            Claim::Acquired { token, .. } => {
                 // Taken over, so the lease must have run out before this call ended.
                 assert!(end.duration_since(a_start) + slack >= lease, "taken over after only {:?}", end - a_start);
                 break token;
@@ -238,6 +238,38 @@ async fn reopen_counts_reruns_and_stops_at_the_bound(backend: Backend) {
     assert_eq!(ctx.b.reopen("other", "run:a:b", 0, ttl).await.expect("reopen"), Reopen::Exhausted { reruns: 0 });
     assert_eq!(ctx.b.reopen("other", "run:a:b", 1, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 1 });
     assert_eq!(ctx.a.reopen("other", "run:a:b", 1, ttl).await.expect("reopen"), Reopen::AlreadyReopened { rerun: 1 });
+    ctx.cleanup().await;
+}
+
+/// The claim that starts a re-run says which re-run it is, whoever asks for it: the re-run event
+/// the dispatcher publishes, or a replay of the original event that got there first. A claim on
+/// a key that was never reopened starts re-run 0.
+async fn a_claim_on_a_reopened_key_reports_its_rerun(backend: Backend) {
+    let ctx = Ctx::new(backend).await;
+    let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(60));
+    let rerun_of = |c: Claim| match c {
+        Claim::Acquired { rerun, .. } => rerun,
+        other => panic!("expected an acquired claim, got {other:?}"),
+    };
+    let first = ctx.a.claim("event", lease).await.expect("claim");
+    assert_eq!(rerun_of(first.clone()), 0, "never reopened");
+    assert!(ctx.a.commit("event", &token(first), "run-0", ttl).await.expect("commit"));
+    assert_eq!(ctx.b.reopen("event", "run-0", 3, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 1 });
+
+    // Through `claim` and through `admit` (a batched script on Redis): both say re-run 1.
+    let c = ctx.b.claim("event", Duration::from_millis(200)).await.expect("claim");
+    assert_eq!(rerun_of(c.clone()), 1);
+    assert!(ctx.b.release("event", &token(c)).await.expect("release"));
+    let got = ctx.a.admit(&gate(&[], None, "event")).await.expect("admit");
+    let Admission::Claimed(c) = got else { panic!("expected a claim, got {got:?}") };
+    assert_eq!(rerun_of(c.clone()), 1, "a released re-run claim is still re-run 1");
+    assert!(ctx.a.commit("event", &token(c), "run-1", ttl).await.expect("commit"));
+    assert_eq!(ctx.a.claim("event", lease).await.expect("claim"), Claim::Done { value: "run-1".into() });
+
+    assert_eq!(ctx.b.reopen("event", "run-1", 3, ttl).await.expect("reopen"), Reopen::Reopened { rerun: 2 });
+    assert_eq!(rerun_of(ctx.a.claim("event", lease).await.expect("claim")), 2);
+    // Other keys are not affected.
+    assert_eq!(rerun_of(ctx.a.claim("other", lease).await.expect("claim")), 0);
     ctx.cleanup().await;
 }
 
@@ -411,7 +443,7 @@ async fn concurrent_admissions_and_commits_answer_each_event(backend: Backend) {
     let mut claimed = Vec::new();
     for (key, got) in results {
         match got {
-            Admission::Claimed(Claim::Acquired { token }) => claimed.push((key, token)),
+            Admission::Claimed(Claim::Acquired { token, .. }) => claimed.push((key, token)),
             Admission::RateLimited { retry_after } => {
                 assert!(retry_after > Duration::from_secs(3000), "{retry_after:?}")
             }
@@ -773,6 +805,10 @@ macro_rules! contract {
                 super::reopen_counts_reruns_and_stops_at_the_bound(Backend::$backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn a_claim_on_a_reopened_key_reports_its_rerun() {
+                super::a_claim_on_a_reopened_key_reports_its_rerun(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn concurrent_reopens_of_one_failed_run_reopen_once() {
                 super::concurrent_reopens_of_one_failed_run_reopen_once(Backend::$backend).await
             }
@@ -974,7 +1010,7 @@ mod fail_closed {
         let store = agentbridge_store::connect(&config).await.expect("store");
         let lease = Duration::from_secs(30);
         let g = Gate { hold_flags: &["paused:s"], rate_limit: None, claim_key: "s1", lease };
-        let Admission::Claimed(Claim::Acquired { token: t1 }) = store.admit(&g).await.expect("admit") else {
+        let Admission::Claimed(Claim::Acquired { token: t1, .. }) = store.admit(&g).await.expect("admit") else {
             panic!("expected a claim")
         };
         let client = redis::Client::open(redis_url()).expect("redis url");

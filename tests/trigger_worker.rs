@@ -21,10 +21,11 @@ use agentbridge_config::{
     Secret, StoreConfig, StoreKind,
 };
 use agentbridge_contracts::{
-    idempotency_key, Completion, DeadLetter, Envelope, RunEvent, RunStage, Topics, RUN_COMPLETED, RUN_EVENT_TYPE,
+    idempotency_key, run_event_id, Completion, DeadLetter, Envelope, RunEvent, RunStage, Topics, RUN_COMPLETED,
+    RUN_EVENT_TYPE,
 };
 use agentbridge_runtime::CancellationToken;
-use agentbridge_store::{Claim, Rate, RateDecision, StoreError};
+use agentbridge_store::{Claim, Rate, RateDecision, Reopen, StoreError};
 use agentbridge_transport::{Message, Subscription, Transport, DLQ_GROUP};
 use agentbridge_trigger_worker::metrics::{outcome, via};
 use agentbridge_trigger_worker::simulator::{output_for, Knobs, Signing, Simulator, SimulatorConfig, Stats};
@@ -299,6 +300,49 @@ pub async fn duplicate_storm_triggers_once(backend: Backend) {
     assert_eq!(triggered[0].run_id.as_deref(), Some(run_id.as_str()));
     assert_eq!(triggered[0].idempotency_key, key);
     assert_eq!(stage_events(&events, RunStage::Claimed).len(), 1, "one claim won");
+    h.stop().await;
+}
+
+/// The callback-dispatcher reopened a failed run's key for re-run 1, and a replay of the original
+/// event (a webhook redelivered, a DLQ replay) reaches the worker before the re-run event does.
+/// The replay starts re-run 1 under the re-run's Idempotency-Key, rather than getting the failed
+/// run back from the platform and committing it again; the re-run event is then a duplicate.
+pub async fn replay_of_a_reopened_event_starts_its_rerun(backend: Backend) {
+    let mut h = Harness::new(backend, Knobs::default(), |_| {}).await;
+    h.spawn_replica().await;
+    let (key, bytes) = h.event("replayed");
+    h.publish(&key, &bytes).await;
+    let patience = h.patience();
+    eventually(patience, "the first run is triggered", || h.count(outcome::TRIGGERED) == 1).await;
+    let failed = h.run_of(&key).await;
+    let ttl = Duration::from_secs(600);
+    let reopened = h.store.reopen(&claim_key(&key), &failed, 2, ttl).await.expect("reopen");
+    assert_eq!(reopened, Reopen::Reopened { rerun: 1 });
+
+    h.publish(&key, &bytes).await;
+    eventually(patience, "the replay starts re-run 1", || h.count(outcome::TRIGGERED) == 2).await;
+    let rerun_key = format!("{key}.rerun-1");
+    let stats = h.stats();
+    assert_eq!(requests(&stats, &key), 1, "the failed run was not asked for again: {stats:?}");
+    assert_eq!(requests(&stats, &rerun_key), 1, "re-run 1 was started: {stats:?}");
+    let rerun_run = h.run_of(&key).await;
+    assert_ne!(rerun_run, failed, "the key is committed to the new run");
+    let state: serde_json::Value =
+        serde_json::from_str(&h.store.get_run(&rerun_run).await.expect("store").expect("run state")).expect("json");
+    assert_eq!(state["idempotency_key"], key.as_str(), "the run state correlates on the event's key");
+
+    // The dispatcher's re-run event arrives late: re-run 1 is committed, so it triggers nothing.
+    let mut rerun_event = Envelope::from_slice(&bytes).expect("envelope");
+    rerun_event.rerun = Some(1);
+    h.publish(&key, &rerun_event.to_vec()).await;
+    eventually(patience, "the re-run event is a duplicate", || h.count(outcome::DUPLICATE) == 1).await;
+    let stats = h.stats();
+    assert_eq!((requests(&stats, &rerun_key), stats.runs_total), (1, 2), "{stats:?}");
+    let events = h.run_events(Duration::from_secs(2)).await;
+    let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
+    assert!(ids.contains(&run_event_id(&key, 0, RunStage::Triggered).as_str()), "{ids:?}");
+    assert!(ids.contains(&run_event_id(&key, 1, RunStage::Triggered).as_str()), "{ids:?}");
+    assert_eq!(stage_events(&events, RunStage::Triggered).len(), 2, "{ids:?}");
     h.stop().await;
 }
 
@@ -1015,6 +1059,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn duplicate_storm_triggers_once() {
                 super::duplicate_storm_triggers_once(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn replay_of_a_reopened_event_starts_its_rerun() {
+                super::replay_of_a_reopened_event_starts_its_rerun(Backend::$backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn crashed_claim_is_taken_over_after_its_lease() {

@@ -79,7 +79,7 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
 
     let t = Instant::now();
     let lease = Duration::from_secs(5);
-    let Claim::Acquired { token } = store.claim(&key, lease).await.context("claim")? else {
+    let Claim::Acquired { token, .. } = store.claim(&key, lease).await.context("claim")? else {
         bail!("a fresh key was not claimable");
     };
     if store.claim(&key, lease).await.context("second claim")? != Claim::InProgress {

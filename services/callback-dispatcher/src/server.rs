@@ -131,7 +131,7 @@ async fn handle(
 
     let replay_key = format!("callback:{}", verified.replay_id);
     let token = match s.store.claim(&replay_key, REPLAY_LEASE).await {
-        Ok(Claim::Acquired { token }) => token,
+        Ok(Claim::Acquired { token, .. }) => token,
         Ok(Claim::Done { .. }) => {
             debug!(run_id = %completion.id, "duplicate callback acknowledged");
             done(outcome::REPLAY, "replay");

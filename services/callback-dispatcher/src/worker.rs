@@ -376,7 +376,7 @@ impl Worker {
     ) {
         let mark = format!("dispatch:{}", ctx.run_id);
         let token = match self.store.claim(&mark, DISPATCH_LEASE).await {
-            Ok(Claim::Acquired { token }) => token,
+            Ok(Claim::Acquired { token, .. }) => token,
             Ok(Claim::Done { .. }) => {
                 self.metrics.completion(self.agent_label(&ctx.agent), "duplicate");
                 if let Err(e) = delivery.ack().await {

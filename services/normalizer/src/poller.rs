@@ -215,7 +215,7 @@ impl CoupaPoller {
     pub async fn cycle(&self, cancel: &CancellationToken) -> Result<Option<usize>, PollError> {
         let lease = (self.config.interval * 2).max(Duration::from_secs(300));
         let token = match self.store.claim(&self.lease_key(), lease).await? {
-            Claim::Acquired { token } => token,
+            Claim::Acquired { token, .. } => token,
             Claim::InProgress | Claim::Done { .. } => return Ok(None),
         };
         let result = self.poll(cancel).await;

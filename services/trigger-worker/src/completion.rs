@@ -70,7 +70,7 @@ impl CompletionPublisher {
     pub async fn publish(&self, run: &RunStatus, state: &Value) -> Result<Published, String> {
         let key = completion_key(&run.id);
         let token = match self.store.claim(&key, self.lease).await {
-            Ok(Claim::Acquired { token }) => token,
+            Ok(Claim::Acquired { token, .. }) => token,
             Ok(Claim::Done { .. }) => return Ok(Published::Earlier),
             Ok(Claim::InProgress) => return Ok(Published::Elsewhere),
             Err(e) => return Err(format!("claim the completion: {e}")),

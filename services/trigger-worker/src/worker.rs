@@ -205,7 +205,14 @@ impl Worker {
         self.handle_event(delivery, envelope, &key, &agent, rt).instrument(span).await
     }
 
-    async fn handle_event(&self, delivery: Delivery, envelope: Envelope, key: &str, agent: &str, rt: &AgentRuntime) {
+    async fn handle_event(
+        &self,
+        delivery: Delivery,
+        mut envelope: Envelope,
+        key: &str,
+        agent: &str,
+        rt: &AgentRuntime,
+    ) {
         // 1. Per-agent concurrency, before the claim so waiting does not eat the lease.
         let Ok(_agent_permit) = rt.permits.clone().acquire_owned().await else {
             return self.infra_retry(delivery, agent, "acquire agent permit", "semaphore closed").await;
@@ -230,7 +237,20 @@ impl Worker {
             lease: self.config.claim_lease,
         };
         let token = match self.store.admit(&gate).await {
-            Ok(Admission::Claimed(Claim::Acquired { token })) => token,
+            Ok(Admission::Claimed(Claim::Acquired { token, rerun })) => {
+                // The claim knows which run of the key this is (the dispatcher's reopen counted
+                // it). A replay of the original event that reaches a reopened key first starts
+                // the re-run itself, under the re-run's Idempotency-Key, instead of getting the
+                // failed run back from the platform; the re-run event then finds it committed.
+                // The larger number wins: the event's comes from a reopen too, and the store's
+                // record may have expired while the event waited.
+                let rerun = rerun.max(envelope.rerun.unwrap_or(0));
+                if envelope.rerun.unwrap_or(0) != rerun {
+                    debug!(rerun, event_rerun = ?envelope.rerun, "the claimed key was reopened: starting its re-run");
+                }
+                envelope.rerun = (rerun > 0).then_some(rerun);
+                token
+            }
             Ok(Admission::Held { flag: 0, .. }) => {
                 return self.hold(delivery, agent, outcome::PAUSED, self.config.hold_delay).await
             }

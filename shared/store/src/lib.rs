@@ -40,7 +40,11 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
     /// The caller holds the claim until `lease` ends; it must `commit` or `release` it.
-    Acquired { token: String },
+    /// `rerun` is the run of the key this claim starts: how many times [`Store::reopen`]
+    /// reopened it (while that count is kept), 0 for a key never reopened. Whoever claims a
+    /// reopened key starts that re-run, whatever message it came with (a replay of the original
+    /// event included), so a reopen always leads to exactly one new run.
+    Acquired { token: String, rerun: u32 },
     /// Another worker holds a live claim: retry later (it may fail and release).
     InProgress,
     /// The key was committed: a duplicate. `value` is what the committer recorded (e.g. run id).

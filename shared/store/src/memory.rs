@@ -251,10 +251,11 @@ impl Store for MemoryStore {
                 Dedup::Done { value } => Claim::Done { value: value.clone() },
             });
         }
+        let rerun = live_mut(&mut s.reruns, key, now).map_or(0, |e| e.value.0);
         let token = crate::new_token();
         s.dedup.insert(key.to_string(), Expiring::new(Dedup::Claimed { token: token.clone() }, Some(lease), now));
         s.after_insert(now);
-        Ok(Claim::Acquired { token })
+        Ok(Claim::Acquired { token, rerun })
     }
 
     async fn commit(&self, key: &str, token: &str, value: &str, ttl: Duration) -> Result<bool, StoreError> {
@@ -484,13 +485,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn lease_expires_and_claim_is_taken_again() {
         let s = MemoryStore::new();
-        let Claim::Acquired { token } = s.claim("k", Duration::from_millis(300)).await.expect("claim") else {
+        let Claim::Acquired { token, .. } = s.claim("k", Duration::from_millis(300)).await.expect("claim") else {
             panic!("first claim must be acquired");
         };
         tokio::time::advance(Duration::from_millis(299)).await;
         assert_eq!(s.claim("k", Duration::from_millis(300)).await.expect("claim"), Claim::InProgress);
         tokio::time::advance(Duration::from_millis(1)).await;
-        let Claim::Acquired { token: second } = s.claim("k", Duration::from_millis(300)).await.expect("claim") else {
+        let Claim::Acquired { token: second, .. } = s.claim("k", Duration::from_millis(300)).await.expect("claim")
+        else {
             panic!("claim after the lease must be acquired");
         };
         assert_ne!(token, second);

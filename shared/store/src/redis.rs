@@ -47,7 +47,8 @@ mod batch;
 /// Lua functions shared by the scripts that claim or rate-limit (prepended to them), so each
 /// rule is written once.
 ///
-/// `claim`: `SET NX` the claim, or report what holds the key. Returns `{'acquired'}` or
+/// `claim`: `SET NX` the claim, or report what holds the key. Returns `{'acquired', <re-run>}`
+/// (the count in the key's re-run record `reruns`, `<n>:<run id>`, or 0) or
 /// `{'held', <current value>}`.
 ///
 /// `gcra`: GCRA, transcribed from `Gcra::decide`; `interval` and `capacity` in µs. Returns 0
@@ -59,9 +60,11 @@ mod batch;
 /// print them in exponent form, hence `%.0f`.
 const FUNCTIONS: &str = r"
 if redis.replicate_commands then redis.replicate_commands() end
-local function claim(key, token, lease_ms)
+local function claim(key, reruns, token, lease_ms)
   if redis.call('SET', key, 'claimed:' .. token, 'NX', 'PX', lease_ms) then
-    return {'acquired'}
+    local rec = redis.call('GET', reruns)
+    local n = rec and string.match(rec, '^(%d+):') or '0'
+    return {'acquired', n}
   end
   local v = redis.call('GET', key)
   if not v then
@@ -93,8 +96,8 @@ local function gcra(key, interval, capacity)
 end
 ";
 
-/// `Store::claim`. KEYS: the dedup key. ARGV: token, lease ms.
-const CLAIM: &str = "return claim(KEYS[1], ARGV[1], ARGV[2])";
+/// `Store::claim`. KEYS: the dedup key, its re-run record. ARGV: token, lease ms.
+const CLAIM: &str = "return claim(KEYS[1], KEYS[2], ARGV[1], ARGV[2])";
 
 /// Drop the caller's claim; 1 if it still held it, else 0.
 const RELEASE: &str = r"
@@ -289,7 +292,10 @@ fn classify(e: RedisError, timeout: Duration) -> StoreError {
 /// Reads the `claim` function's reply; `token` is the one the claim was made with.
 fn claim_of(reply: &[String], key: &str, token: String) -> Result<Claim, StoreError> {
     match reply {
-        [status] if status == "acquired" => Ok(Claim::Acquired { token }),
+        [status, rerun] if status == "acquired" => match rerun.parse::<u32>() {
+            Ok(rerun) => Ok(Claim::Acquired { token, rerun }),
+            Err(_) => Err(StoreError::Protocol(format!("claim script replied re-run {rerun:?}"))),
+        },
         [status, current] if status == "held" => {
             if let Some(value) = current.strip_prefix("done:") {
                 Ok(Claim::Done { value: value.to_string() })
@@ -325,14 +331,22 @@ impl Store for RedisStore {
 
     async fn claim(&self, key: &str, lease: Duration) -> Result<Claim, StoreError> {
         let token = crate::new_token();
-        let reply: Vec<String> =
-            self.invoke(self.scripts.claim.key(self.key("dedup", key)).arg(&token).arg(ttl_ms(lease))).await?;
+        let reply: Vec<String> = self
+            .invoke(
+                self.scripts
+                    .claim
+                    .key(self.key("dedup", key))
+                    .key(self.key("reruns", key))
+                    .arg(&token)
+                    .arg(ttl_ms(lease)),
+            )
+            .await?;
         claim_of(&reply, key, token)
     }
 
     async fn admit(&self, gate: &Gate<'_>) -> Result<Admission, StoreError> {
         let token = crate::new_token();
-        let mut keys = Vec::with_capacity(gate.hold_flags.len() + 2);
+        let mut keys = Vec::with_capacity(gate.hold_flags.len() + 3);
         keys.extend(gate.hold_flags.iter().map(|name| self.key("flag", name)));
         let (limited, interval, capacity) = match gate.rate_limit {
             Some((limiter, rate)) => {
@@ -343,6 +357,7 @@ impl Store for RedisStore {
             None => ("0", "0".into(), "0".into()),
         };
         keys.push(self.key("dedup", gate.claim_key));
+        keys.push(self.key("reruns", gate.claim_key));
         let args = [
             gate.hold_flags.len().to_string(),
             limited.into(),

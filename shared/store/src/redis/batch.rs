@@ -29,7 +29,7 @@ use crate::StoreError;
 pub(super) const MAX_BATCH: usize = 128;
 
 /// Every admission of a flush, in arrival order. KEYS: per gate, its hold flags, its limiter (if
-/// any) and its dedup key. ARGV[1]: the number of gates; then six values per gate: number of
+/// any), its dedup key and that key's re-run record. ARGV[1]: the number of gates; then six values per gate: number of
 /// flags, '1' when rate limited, interval µs, capacity µs, claim token, lease ms. Replies one
 /// entry per gate: `{'flag', <0-based index>, <value>}`, `{'rate', <retry-after ms>}`, or the
 /// claim's reply. Within the flush each flag and limiter is read once and the clock once (one
@@ -71,9 +71,9 @@ for g = 1, gates do
       order[#order + 1] = limiter
     end
   end
-  local dedup = KEYS[k]
-  k = k + 1
-  if not reply then reply = claim(dedup, ARGV[a + 4], ARGV[a + 5]) end
+  local dedup, reruns = KEYS[k], KEYS[k + 1]
+  k = k + 2
+  if not reply then reply = claim(dedup, reruns, ARGV[a + 4], ARGV[a + 5]) end
   replies[g] = reply
   a = a + 6
 end
