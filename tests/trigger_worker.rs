@@ -863,6 +863,54 @@ pub async fn callback_mode_responses_complete_when_their_webhook_schedules_a_pol
     h.stop().await;
 }
 
+/// A Responses webhook can overtake the worker's `record_run`: the poll it schedules finds no
+/// run state yet. The poller polls again until the state is there, rather than leaving the run
+/// to the watchdog at its deadline; an id that never gets state (another application's
+/// response on the same webhook endpoint) is given up after the claim lease.
+pub async fn early_webhook_poll_waits_for_the_run_state(backend: Backend) {
+    let (base_url, _seen) = responses_fake().await;
+    let lease = Duration::from_secs(5);
+    let mut h = Harness::new(backend, Knobs::default(), |c| {
+        let run = responses_agent(base_url, CompletionMode::Callback);
+        c.agents.insert(AGENT.into(), AgentConfig { run, ..AgentConfig::default() });
+        c.trigger_worker.run_deadline = Duration::from_secs(600);
+        c.trigger_worker.claim_lease = lease;
+    })
+    .await;
+    h.spawn_replica().await;
+    let metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
+    h.spawn_poller(metrics.clone()).await;
+    let (a, a_bytes) = h.event("early-webhook");
+    h.publish(&a, &a_bytes).await;
+    eventually(h.patience(), "triggered", || h.count(outcome::TRIGGERED) == 1).await;
+    let run_id = h.run_of(&a).await;
+
+    // The state is taken away as if the worker had not stored it yet; then the webhooks' polls.
+    let state = h.store.get_run(&run_id).await.expect("store").expect("run state");
+    h.store.delete_run(&run_id).await.expect("delete run state");
+    let now = chrono::Utc::now().timestamp_millis();
+    h.store.schedule_poll(&run_id, now).await.expect("schedule poll");
+    h.store.schedule_poll("resp_of_another_application", now).await.expect("schedule poll");
+    let waiting = || metrics.polls_count("unknown", "waiting_for_state");
+    eventually(Duration::from_secs(10), "both polls wait for run state", || waiting() >= 2).await;
+    assert_eq!(metrics.polls_count(AGENT, "final"), 0, "nothing is polled without state");
+
+    // The worker stores the state: the next poll publishes the completion.
+    h.store.put_run(&run_id, &state, Duration::from_secs(600)).await.expect("put run state");
+    let completions = h.completions(Duration::from_secs(3)).await;
+    assert_eq!(completions.len(), 1, "{completions:?}");
+    assert_eq!(completions[0].subject.as_deref(), Some(run_id.as_str()));
+    assert_eq!(metrics.polls_count(AGENT, "final"), 1);
+
+    // The other id never gets state: polling stops once the lease has passed.
+    let gave_up = || metrics.polls_count("unknown", "no_run_state");
+    eventually(lease + Duration::from_secs(5), "the foreign id is given up", || gave_up() == 1).await;
+    let settled = waiting();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!((waiting(), gave_up()), (settled, 1), "no more polls of it");
+    h.stop().await;
+}
+
 /// `responses` in sync mode: the blocking call's answer is published as the completion before
 /// the event is acknowledged; no poll is scheduled and the deadline is cancelled.
 pub async fn sync_mode_publishes_the_answer_as_the_completion(backend: Backend) {
@@ -1107,6 +1155,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sync_mode_publishes_the_answer_as_the_completion() {
                 super::sync_mode_publishes_the_answer_as_the_completion(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn early_webhook_poll_waits_for_the_run_state() {
+                super::early_webhook_poll_waits_for_the_run_state(Backend::$backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn callback_mode_responses_complete_when_their_webhook_schedules_a_poll() {

@@ -177,8 +177,9 @@ pub const RESPONSE_FINISHED: [&str; 4] =
 
 /// Schedules the poll of the response a [`RESPONSE_FINISHED`] webhook names. No replay
 /// protection is needed: scheduling a poll again only moves it, a poll of a run whose
-/// completion was published publishes nothing, and an id without run state is dropped by the
-/// poller. A store failure answers 503, so the platform delivers the webhook again.
+/// completion was published publishes nothing, and an id without run state is polled again
+/// for a while (the webhook may have overtaken the trigger-worker's `record_run`), then
+/// dropped by the poller. A store failure answers 503, so the platform delivers the webhook again.
 async fn poll_now(s: &CallbackState, data: &Value, done: impl Fn(&str, &str)) -> Response {
     let Some(id) = data.get("id").and_then(Value::as_str).filter(|id| !id.is_empty()) else {
         warn!("response webhook without data.id");

@@ -5,6 +5,10 @@
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 /// Every outcome an event can have at the worker (the `outcome` label of `events_total`).
+/// The `agent` label for events and runs whose agent is not configured here (keeps the label
+/// bounded).
+pub const UNKNOWN_AGENT: &str = "unknown";
+
 pub mod outcome {
     /// Triggered: the run was accepted, recorded and announced.
     pub const TRIGGERED: &str = "triggered";
@@ -84,7 +88,7 @@ impl Metrics {
         let polls = IntCounterVec::new(
             Opts::new(
                 "agentbridge_trigger_worker_polls_total",
-                "Run retrievals by the poller and the watchdog, by result (final, pending, error)",
+                "Run retrievals by the poller and the watchdog, by result (final, pending, error, waiting_for_state, no_run_state)",
             ),
             &["agent", "result"],
         )?;

@@ -7,7 +7,8 @@
 //! the poll set; `take_due_polls` hands each due run to exactly one of them, and the schedule
 //! survives restarts.
 //!
-//! Per due run: read the run state, `poll` the agent's backend, then
+//! Per due run: read the run state (none yet: `Poller::without_state`), `poll` the agent's
+//! backend, then
 //! - final (`completed`, `failed`, `cancelled`) → publish the completion (once per run);
 //! - still running, or the platform did not answer → poll again later. The wait is as long
 //!   as the run has already taken (so it doubles from poll to poll), at least
@@ -36,7 +37,7 @@ use tracing::{debug, info, warn};
 
 use crate::backend::Backends;
 use crate::completion::{CompletionPublisher, Published};
-use crate::metrics::{via, Metrics};
+use crate::metrics::{via, Metrics, UNKNOWN_AGENT};
 
 /// Due polls taken per store round trip.
 const BATCH: usize = 100;
@@ -44,6 +45,9 @@ const BATCH: usize = 100;
 const CONCURRENCY: usize = 16;
 /// Longest pause between two sweeps, whatever the agents' intervals.
 const MAX_TICK: Duration = Duration::from_secs(1);
+/// Store flag (`<prefix><run id>`, value: unix ms) marking when a run was first polled without
+/// run state.
+const POLL_WITHOUT_STATE: &str = "poll-without-state:";
 
 /// The wait before the next poll of a run that has been running for `elapsed`: as long again
 /// (exponential backoff without a counter), within the agent's bounds.
@@ -59,6 +63,8 @@ pub struct Poller {
     /// Per configured alias (also the only values of the `agent` metric label).
     completion: HashMap<String, CompletionConfig>,
     run_deadline: Duration,
+    /// How long a polled id without run state may wait for it (`Self::without_state`).
+    state_grace: Duration,
     tick: Duration,
     metrics: Metrics,
 }
@@ -87,6 +93,7 @@ impl Poller {
             backends,
             completion,
             run_deadline: config.trigger_worker.run_deadline,
+            state_grace: config.trigger_worker.claim_lease,
             tick,
             metrics,
         }
@@ -142,8 +149,7 @@ impl Poller {
     async fn poll_one(&self, run_id: &str) {
         let state = match self.store.get_run(run_id).await {
             Ok(Some(s)) => s,
-            // Completed and cleaned up, or expired: nothing left to poll.
-            Ok(None) => return debug!(run_id, "no run state; polling stopped"),
+            Ok(None) => return self.without_state(run_id).await,
             Err(e) => return self.again(run_id, None, self.tick, "read run state", &e.to_string()).await,
         };
         let state: Value = match serde_json::from_str(&state) {
@@ -198,6 +204,47 @@ impl Poller {
                 self.schedule(run_id, elapsed, wait).await;
             }
         }
+    }
+
+    /// A poll of a run whose state is not in the store. A Responses webhook can overtake the
+    /// trigger-worker: the platform finished the response before the worker stored the run's
+    /// state (`record_run`), and the poll the webhook scheduled comes too early. Dropping it
+    /// would leave the run to the watchdog at its deadline, so the poll is retried, waiting as
+    /// long again each time (at least one tick), for `state_grace`: a worker that triggered a
+    /// run records it within its claim lease or loses the claim. After that the id is taken for
+    /// one that is not this deployment's (another application's response on the same webhook
+    /// endpoint) or whose state expired, and polling stops. The first such poll is remembered
+    /// in a store flag, so the window holds across replicas and restarts.
+    async fn without_state(&self, run_id: &str) {
+        let flag = format!("{POLL_WITHOUT_STATE}{run_id}");
+        let now = now_ms();
+        let first = match self.store.get_flag(&flag).await {
+            Ok(Some(at)) => at.parse::<i64>().unwrap_or(now),
+            Ok(None) => {
+                if let Err(e) = self.store.set_flag(&flag, &now.to_string(), Some(self.state_grace * 2)).await {
+                    return self
+                        .again(run_id, None, self.tick, "remember the poll without run state", &e.to_string())
+                        .await;
+                }
+                now
+            }
+            Err(e) => {
+                return self.again(run_id, None, self.tick, "read the poll-without-state flag", &e.to_string()).await
+            }
+        };
+        let waited = Duration::from_millis(u64::try_from(now - first).unwrap_or(0));
+        if waited >= self.state_grace {
+            self.metrics.poll(UNKNOWN_AGENT, "no_run_state");
+            return info!(
+                run_id,
+                waited_ms = waited.as_millis() as u64,
+                "no run state for this id; polling stopped (not a run of this deployment, or its state expired)"
+            );
+        }
+        self.metrics.poll(UNKNOWN_AGENT, "waiting_for_state");
+        let wait = waited.max(self.tick).min(self.state_grace - waited);
+        debug!(run_id, wait_ms = wait.as_millis() as u64, "no run state yet; polling again later");
+        self.schedule(run_id, None, wait).await;
     }
 
     /// Something on our side failed: try this run again after `wait`.

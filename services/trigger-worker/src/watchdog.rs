@@ -32,7 +32,7 @@ use tracing::warn;
 use crate::backend::Backends;
 use crate::completion::{CompletionPublisher, Published};
 use crate::error::reason;
-use crate::metrics::{via, Metrics};
+use crate::metrics::{via, Metrics, UNKNOWN_AGENT};
 use crate::worker::{lifecycle, run_event, SERVICE};
 
 /// Overdue runs handled per store round trip.
@@ -124,7 +124,7 @@ impl Watchdog {
         let event = Envelope::from_slice(&original).map_err(|e| format!("run state has no readable event: {e}"))?;
         let key = event.idempotencykey.clone().unwrap_or_default();
         let agent_name = event.agent.clone().unwrap_or_default();
-        let agent = if self.agents.contains(&agent_name) { agent_name.as_str() } else { "unknown" };
+        let agent = if self.agents.contains(&agent_name) { agent_name.as_str() } else { UNKNOWN_AGENT };
         // The run state names the alias that triggered the run (the event's, too).
         let alias = state.get("agent").and_then(Value::as_str).unwrap_or(agent_name.as_str());
         let mut last_seen = String::new();

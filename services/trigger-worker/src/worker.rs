@@ -36,12 +36,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::backend::{build_backend, AgentBackend, RunMetadata, RunStatus, TriggerAccepted, TriggerRequest};
 use crate::completion::{CompletionPublisher, Published};
 use crate::error::{reason, BackendError, StartError};
-use crate::metrics::{outcome, via, Metrics};
+use crate::metrics::{outcome, via, Metrics, UNKNOWN_AGENT};
 
 /// The service name stamped into dead letters and lifecycle events.
 pub const SERVICE: &str = "trigger-worker";
-/// The `agent` label for events whose agent is not configured (keeps the label bounded).
-const UNKNOWN_AGENT: &str = "unknown";
 /// Shortest park of a held event: a `Retry-After: 0` must not become a hot loop.
 const MIN_HOLD: Duration = Duration::from_millis(100);
 
