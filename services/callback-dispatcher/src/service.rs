@@ -81,16 +81,11 @@ pub async fn start(
         replay_ttl: d.replay_ttl,
         metrics: metrics.clone(),
     });
-    let (t, s) = (transport.clone(), store.clone());
-    let readiness = Readiness::new()
-        .check("broker", move || {
-            let t = t.clone();
-            Box::pin(async move { t.ping().await.map_err(|e| e.to_string()) })
-        })
-        .check("store", move || {
-            let s = s.clone();
-            Box::pin(async move { s.ping().await.map_err(|e| e.to_string()) })
-        });
+    let readiness = Readiness::new().ping("broker", transport.clone(), |t| async move { t.ping().await }).ping(
+        "store",
+        store.clone(),
+        |s| async move { s.ping().await },
+    );
     let router = server::router(state, &d.callback_path, d.max_body_bytes)
         .merge(ops::router(metrics.registry.clone(), readiness));
     let addr = ops::serve(d.listen, router, cancel.clone()).await?;

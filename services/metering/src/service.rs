@@ -20,7 +20,6 @@ use agentbridge_store::Store;
 use agentbridge_transport::{Delivery, Transport, DLQ_GROUP};
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
 use prometheus::Registry;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -328,20 +327,10 @@ pub async fn run_until_stopped(config: Config, cancel: CancellationToken) -> any
     let topics = Topics::new(config.transport.prefix.clone());
     let registry = Registry::new();
     let metering = Metering::new(m.clone(), ledger.clone(), store.clone(), transport.clone(), topics, &registry)?;
-    let (l, s, t) = (ledger.clone(), store.clone(), transport.clone());
     let readiness = Readiness::new()
-        .check("ledger", move || {
-            let l = l.clone();
-            async move { l.ping().await.map_err(|e| e.to_string()) }.boxed()
-        })
-        .check("store", move || {
-            let s = s.clone();
-            async move { s.ping().await.map_err(|e| e.to_string()) }.boxed()
-        })
-        .check("transport", move || {
-            let t = t.clone();
-            async move { t.ping().await.map_err(|e| e.to_string()) }.boxed()
-        });
+        .ping("ledger", ledger.clone(), |l| async move { l.ping().await })
+        .ping("store", store.clone(), |s| async move { s.ping().await })
+        .ping("broker", transport.clone(), |t| async move { t.ping().await });
     let addr =
         ops::serve(m.listen, ops::router(registry, readiness), cancel.clone()).await.context("serve ops endpoints")?;
     tracing::info!(%addr, "metering ops server listening");

@@ -238,17 +238,11 @@ fn readiness(
             }
             .boxed()
         })
-        .check("broker", move || {
-            let t = transport.clone();
-            async move { t.ping().await.map_err(|e| e.to_string()) }.boxed()
-        });
+        .ping("broker", transport, |t| async move { t.ping().await });
     if check_store {
         // Only the Coupa poller uses the store; without one a Redis outage must not take the
         // ingress out of the load balancer.
-        r = r.check("store", move || {
-            let s = store.clone();
-            async move { s.ping().await.map_err(|e| e.to_string()) }.boxed()
-        });
+        r = r.ping("store", store, |s| async move { s.ping().await });
     }
     r
 }

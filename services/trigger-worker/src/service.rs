@@ -33,16 +33,11 @@ pub async fn run_with(
     let metrics = Metrics::new()?;
     let worker = Arc::new(Worker::new(&config, transport.clone(), store.clone(), metrics.clone())?);
     worker.prepare().await?;
-    let (t, s) = (transport.clone(), store.clone());
-    let readiness = Readiness::new()
-        .check("broker", move || {
-            let t = t.clone();
-            Box::pin(async move { t.ping().await.map_err(|e| e.to_string()) })
-        })
-        .check("store", move || {
-            let s = s.clone();
-            Box::pin(async move { s.ping().await.map_err(|e| e.to_string()) })
-        });
+    let readiness = Readiness::new().ping("broker", transport.clone(), |t| async move { t.ping().await }).ping(
+        "store",
+        store.clone(),
+        |s| async move { s.ping().await },
+    );
     let addr =
         ops::serve(config.trigger_worker.listen, ops::router(metrics.registry.clone(), readiness), cancel.clone())
             .await?;

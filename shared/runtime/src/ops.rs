@@ -5,6 +5,7 @@
 //! (broker and store reachable, consumer running) and answers 503 with the failing check's
 //! name, so Kubernetes stops routing webhooks to a replica that cannot enqueue them.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -37,6 +38,21 @@ impl Readiness {
     {
         self.checks.push((name.to_string(), Arc::new(f)));
         self
+    }
+
+    /// Adds a check that is ready while `ping(handle)` succeeds: a broker, store or ledger
+    /// connection shared with the service (`handle` is cloned per probe, so pass an `Arc`).
+    pub fn ping<T, F, Fut, E>(self, name: &str, handle: T, ping: F) -> Self
+    where
+        T: Clone + Send + Sync + 'static,
+        F: Fn(T) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        self.check(name, move || {
+            let probe = ping(handle.clone());
+            Box::pin(async move { probe.await.map_err(|e| e.to_string()) })
+        })
     }
 
     /// Runs every check; the first failure as `(name, reason)`.
@@ -129,5 +145,23 @@ mod tests {
         assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
         assert!(ready.contains("not ready: broker: connection refused"), "{ready}");
         cancel.cancel();
+    }
+
+    #[tokio::test]
+    async fn ping_checks_follow_their_handle() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let up = Arc::new(AtomicBool::new(true));
+        let readiness = Readiness::new().ping("store", up.clone(), |up| async move {
+            if up.load(Ordering::Relaxed) {
+                Ok(())
+            } else {
+                Err("connection reset")
+            }
+        });
+        assert_eq!(readiness.run().await, Ok(()));
+        up.store(false, Ordering::Relaxed);
+        assert_eq!(readiness.run().await, Err(("store".to_string(), "connection reset".to_string())));
+        up.store(true, Ordering::Relaxed);
+        assert_eq!(readiness.run().await, Ok(()), "each probe pings again");
     }
 }
