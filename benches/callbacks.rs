@@ -13,6 +13,8 @@
 //! Goals (issue): endpoint ≥ 50 % of the bare handler and ≥ 10k callbacks/s; validation
 //! ≥ 20k completions/s/core. Run: `cargo bench --bench callbacks` (optionally `-- <seconds>`).
 
+mod common;
+
 use std::hint::black_box;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -147,25 +149,6 @@ fn endpoint(budget: Duration) -> (f64, f64) {
     })
 }
 
-fn rate(budget: Duration, mut f: impl FnMut()) -> f64 {
-    let warm = Instant::now();
-    while warm.elapsed() < budget / 5 {
-        f();
-    }
-    let mut n: u64 = 0;
-    let start = Instant::now();
-    loop {
-        for _ in 0..64 {
-            f();
-        }
-        n += 64;
-        if start.elapsed() >= budget {
-            break;
-        }
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
-
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let budget = std::env::args()
@@ -184,7 +167,7 @@ fn main() {
     let body: Value = serde_json::from_slice(&callback_body(1)).expect("json");
     let event = Envelope::new("msg_1", "bench", "workspace.agent.run.completed", body["data"].clone()).to_vec();
     let input = json!({"ticket_id": "35436", "customer": {"entitlement_status": "active"}});
-    let validate = rate(budget, || {
+    let validate = common::rate(budget, || {
         let e = Envelope::from_slice(black_box(&event)).expect("envelope");
         let c: Completion = serde_json::from_value(e.data).expect("completion");
         let output = c.output.as_ref().expect("output");

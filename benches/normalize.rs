@@ -7,34 +7,15 @@
 //! Run: `cargo bench --bench normalize` (optionally `-- <seconds per measurement>` and words
 //! that pick samples by name, e.g. `-- 2 coupa`).
 
+mod common;
+
 use std::hint::black_box;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agentbridge_config::Config;
 use agentbridge_normalizer::{Outcome, Pipeline};
 use serde_json::Value;
-
-/// Runs `f` repeatedly for about `budget`, returning calls per second.
-fn rate(budget: Duration, mut f: impl FnMut()) -> f64 {
-    // Warm-up: caches, allocator, branch predictors.
-    let warm = Instant::now();
-    while warm.elapsed() < budget / 5 {
-        f();
-    }
-    let mut n: u64 = 0;
-    let start = Instant::now();
-    loop {
-        for _ in 0..256 {
-            f();
-        }
-        n += 256;
-        if start.elapsed() >= budget {
-            break;
-        }
-    }
-    n as f64 / start.elapsed().as_secs_f64()
-}
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -70,11 +51,11 @@ fn main() {
         let rounds = 5;
         let (mut baseline, mut normalize) = (0.0f64, 0.0f64);
         for _ in 0..rounds {
-            baseline = baseline.max(rate(budget / rounds, || {
+            baseline = baseline.max(common::rate(budget / rounds, || {
                 let v: Value = serde_json::from_slice(black_box(&raw)).unwrap_or(Value::Null);
                 black_box(serde_json::to_vec(&v).unwrap_or_default());
             }));
-            normalize = normalize.max(rate(budget / rounds, || {
+            normalize = normalize.max(common::rate(budget / rounds, || {
                 black_box(pipeline.normalize(black_box(source), black_box(&raw), None));
             }));
         }
