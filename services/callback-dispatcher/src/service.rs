@@ -81,11 +81,8 @@ pub async fn start(
         replay_ttl: d.replay_ttl,
         metrics: metrics.clone(),
     });
-    let readiness = Readiness::new().ping("broker", transport.clone(), |t| async move { t.ping().await }).ping(
-        "store",
-        store.clone(),
-        |s| async move { s.ping().await },
-    );
+    let readiness = Readiness::new().ping("broker", transport.clone(), |t| async move { t.ping().await });
+    let readiness = readiness.ping("store", store.clone(), |s| async move { s.ping().await });
     let router = server::router(state, &d.callback_path, d.max_body_bytes)
         .merge(ops::router(metrics.registry.clone(), readiness));
     let addr = ops::serve(d.listen, router, cancel.clone()).await?;

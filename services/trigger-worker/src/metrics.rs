@@ -4,11 +4,11 @@
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
-/// Every outcome an event can have at the worker (the `outcome` label of `events_total`).
 /// The `agent` label for events and runs whose agent is not configured here (keeps the label
 /// bounded).
 pub const UNKNOWN_AGENT: &str = "unknown";
 
+/// Every outcome an event can have at the worker (the `outcome` label of `events_total`).
 pub mod outcome {
     /// Triggered: the run was accepted, recorded and announced.
     pub const TRIGGERED: &str = "triggered";

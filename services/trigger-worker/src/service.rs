@@ -33,11 +33,8 @@ pub async fn run_with(
     let metrics = Metrics::new()?;
     let worker = Arc::new(Worker::new(&config, transport.clone(), store.clone(), metrics.clone())?);
     worker.prepare().await?;
-    let readiness = Readiness::new().ping("broker", transport.clone(), |t| async move { t.ping().await }).ping(
-        "store",
-        store.clone(),
-        |s| async move { s.ping().await },
-    );
+    let readiness = Readiness::new().ping("broker", transport.clone(), |t| async move { t.ping().await });
+    let readiness = readiness.ping("store", store.clone(), |s| async move { s.ping().await });
     let addr =
         ops::serve(config.trigger_worker.listen, ops::router(metrics.registry.clone(), readiness), cancel.clone())
             .await?;
