@@ -29,12 +29,12 @@ use crate::StoreError;
 pub(super) const MAX_BATCH: usize = 128;
 
 /// Every admission of a flush, in arrival order. KEYS: per gate, its hold flags, its limiter (if
-/// any), its dedup key and that key's re-run record. ARGV[1]: the number of gates; then six values per gate: number of
-/// flags, '1' when rate limited, interval µs, capacity µs, claim token, lease ms. Replies one
-/// entry per gate: `{'flag', <0-based index>, <value>}`, `{'rate', <retry-after ms>}`, or the
-/// claim's reply. Within the flush each flag and limiter is read once and the clock once (one
-/// atomic script is one instant); a limiter's final state is written once at the end, as the
-/// last of a run of single calls would have left it.
+/// any), its dedup key and that key's re-run record. ARGV[1]: the number of gates; then six
+/// values per gate: number of flags, '1' when rate limited, interval µs, capacity µs, claim
+/// token, lease ms. Replies one entry per gate: `{'flag', <0-based index>, <value>}`,
+/// `{'rate', <retry-after ms>}`, or the claim's reply. Within the flush each flag and limiter is
+/// read once and the clock once (one atomic script is one instant); a limiter's final state is
+/// written once at the end, as the last of a run of single calls would have left it.
 pub(super) const ADMIT_MANY: &str = r"
 local gates = tonumber(ARGV[1])
 local replies, flags, tats, dirty, order = {}, {}, {}, {}, {}
