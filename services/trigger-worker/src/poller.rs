@@ -219,7 +219,8 @@ impl Poller {
         let flag = format!("{POLL_WITHOUT_STATE}{run_id}");
         let now = now_ms();
         let first = match self.store.get_flag(&flag).await {
-            Ok(Some(at)) => at.parse::<i64>().unwrap_or(now),
+            // An unreadable mark (not one this poller wrote) counts as long past: stop.
+            Ok(Some(at)) => at.parse::<i64>().unwrap_or(0),
             Ok(None) => {
                 if let Err(e) = self.store.set_flag(&flag, &now.to_string(), Some(self.state_grace * 2)).await {
                     return self
