@@ -34,11 +34,11 @@ pub struct Metrics {
 }
 
 const DIMENSIONS: [&str; 4] = ["agent", "business_process", "cost_center", "environment"];
+/// `DIMENSIONS` and the token kind.
+const TOKEN_LABELS: [&str; 5] = ["agent", "business_process", "cost_center", "environment", "kind"];
 
 impl Metrics {
     pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
-        let mut tokens_labels = DIMENSIONS.to_vec();
-        tokens_labels.push("kind");
         let m = Self {
             credits: CounterVec::new(
                 Opts::new("agentbridge_metering_credits_total", "Credits recorded in the ledger"),
@@ -46,7 +46,7 @@ impl Metrics {
             )?,
             tokens: IntCounterVec::new(
                 Opts::new("agentbridge_metering_tokens_total", "Tokens recorded in the ledger, by kind"),
-                &tokens_labels,
+                &TOKEN_LABELS,
             )?,
             runs: IntCounterVec::new(
                 Opts::new("agentbridge_metering_runs_total", "Runs recorded in the ledger"),
