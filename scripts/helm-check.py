@@ -7,6 +7,7 @@ check failed. Run by `make test` (through scripts/helm-check.sh, which installs 
 packages it needs into .venv)."""
 import copy
 import glob
+import json
 import re
 import sys
 
@@ -109,6 +110,43 @@ def output_labels(e):
     return None
 
 
+def check_expr(what, text, metrics, services):
+    """Parses one PromQL expression and checks every metric, label and label value it names
+    against the services; returns the expression and the labels its selectors have, or None
+    when it does not parse."""
+    try:
+        expr = promql_parser.parse(text)
+    except ValueError as e:
+        check(False, f"{what}: PromQL does not parse: {e}")
+        return None
+    known = set(TARGET_LABELS)
+    for sel in selectors(expr, []):
+        name = sel.name
+        matchers = sel.matchers.matchers
+        if name == "up":
+            job = [m for m in matchers if m.name == "job"]
+            regex = job[0].value if job and job[0].op == promql_parser.MatchOp.Re else ""
+            hits = [svc for svc in services if re.fullmatch(regex, svc)]
+            check(len(job) == 1 and sorted(hits) == sorted(services) and regex.count("|") == len(services) - 1,
+                  f"{what}: `up` selects exactly the rendered Services ({len(hits)} of {len(services)})")
+            continue
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        entry = metrics.get(name) or (metrics.get(base) if base != name and metrics.get(base, (0, 0, False))[2] else None)
+        if not check(entry is not None, f"{what}: metric {name} is registered by a service"):
+            continue
+        code, labels, _ = entry
+        labels = labels | ({"le"} if name.endswith("_bucket") else set())
+        known |= labels
+        for m in matchers:
+            check(m.name in labels | TARGET_LABELS, f"{what}: {name} has the label {m.name}")
+            if m.name in TARGET_LABELS:
+                continue
+            values = [m.value] if m.op in (promql_parser.MatchOp.Equal, promql_parser.MatchOp.NotEqual) else m.value.split("|")
+            for v in values:
+                check(f'"{v}"' in code, f"{what}: {name}{{{m.name}=\"{v}\"}} is a value the service emits")
+    return expr, known
+
+
 def check_rules(variant, doc, metrics, services, overrides):
     """The PrometheusRule: shape, PromQL, and every name it uses exists in the services."""
     check(doc["apiVersion"] == "monitoring.coreos.com/v1", f"{variant}: PrometheusRule apiVersion")
@@ -124,36 +162,10 @@ def check_rules(variant, doc, metrics, services, overrides):
             check(r["labels"].get(k) == v, f"{what}: alert label {k}={v}")
         check(bool(r["annotations"].get("summary")) and bool(r["annotations"].get("description")),
               f"{what}: summary and description")
-        try:
-            expr = promql_parser.parse(r["expr"])
-        except ValueError as e:
-            check(False, f"{what}: PromQL does not parse: {e}")
+        parsed = check_expr(what, r["expr"], metrics, services)
+        if parsed is None:
             continue
-        known = set(TARGET_LABELS)
-        for sel in selectors(expr, []):
-            name = sel.name
-            matchers = sel.matchers.matchers
-            if name == "up":
-                job = [m for m in matchers if m.name == "job"]
-                regex = job[0].value if job and job[0].op == promql_parser.MatchOp.Re else ""
-                hits = [svc for svc in services if re.fullmatch(regex, svc)]
-                check(len(job) == 1 and sorted(hits) == sorted(services) and regex.count("|") == len(services) - 1,
-                      f"{what}: `up` selects exactly the rendered Services ({len(hits)} of {len(services)})")
-                continue
-            base = re.sub(r"_(bucket|sum|count)$", "", name)
-            entry = metrics.get(name) or (metrics.get(base) if base != name and metrics.get(base, (0, 0, False))[2] else None)
-            if not check(entry is not None, f"{what}: metric {name} is registered by a service"):
-                continue
-            code, labels, _ = entry
-            labels = labels | ({"le"} if name.endswith("_bucket") else set())
-            known |= labels
-            for m in matchers:
-                check(m.name in labels | TARGET_LABELS, f"{what}: {name} has the label {m.name}")
-                if m.name in TARGET_LABELS:
-                    continue
-                values = [m.value] if m.op in (promql_parser.MatchOp.Equal, promql_parser.MatchOp.NotEqual) else m.value.split("|")
-                for v in values:
-                    check(f'"{v}"' in code, f"{what}: {name}{{{m.name}=\"{v}\"}} is a value the service emits")
+        expr, known = parsed
         out = output_labels(expr)
         for text in r["annotations"].values():
             for label in re.findall(r"\$labels\.([a-z_]+)", text):
@@ -166,6 +178,36 @@ check(len(metrics) >= 30 and metrics["agentbridge_metering_tokens_total"][1] >= 
       and metrics["agentbridge_normalizer_in_flight_events"][1] == set(),
       f"read {len(metrics)} metrics and their labels from services/*/src/metrics.rs")
 
+def check_dashboard(variant, doc, metrics):
+    """The Grafana dashboard ConfigMap: valid JSON, and every query checked like the alerts
+    (Grafana's `$__rate_interval` stands in as 5m; `$namespace` is a plain label value)."""
+    dash = json.loads(doc["data"]["agentbridge.json"])
+    panels = dash["panels"]
+    ids = [p["id"] for p in panels]
+    check(dash.get("uid") == "agentbridge" and len(set(ids)) == len(ids), f"{variant}: dashboard uid, panel ids unique")
+    check({v["name"] for v in dash["templating"]["list"]} == {"datasource", "namespace"},
+          f"{variant}: dashboard variables datasource and namespace")
+    namespace_query = dash["templating"]["list"][1]["definition"]
+    found = re.fullmatch(r"label_values\((agentbridge_[a-z_]+), namespace\)", namespace_query)
+    check(found is not None and found.group(1) in metrics, f"{variant}: namespace variable reads a registered metric")
+    queries = 0
+    for p in panels:
+        if p["type"] == "row":
+            continue
+        what = f"{variant}: dashboard panel {p['title']!r}"
+        check(bool(p.get("targets")), f"{what}: has queries")
+        for t in p.get("targets", []):
+            queries += 1
+            parsed = check_expr(what, t["expr"].replace("$__rate_interval", "5m"), metrics, [])
+            if parsed is None:
+                continue
+            expr, known = parsed
+            out = output_labels(expr)
+            for label in re.findall(r"\{\{\s*([a-z_]+)\s*\}\}", t.get("legendFormat", "")):
+                check(label in (known if out is None else out), f"{what}: legend's {{{{{label}}}}} survives the query")
+    check(queries >= 20, f"{variant}: dashboard has {queries} queries")
+
+
 variants = {
     "defaults": {},
     "all-features": {
@@ -175,8 +217,9 @@ variants = {
         "env": {"AGENTBRIDGE__TRANSPORT__PREFIX": "prod."},
         "services": {"normalizer": {"autoscaling": {"enabled": False}, "replicas": 3}},
     },
-    # Every alert, none left out (all-features leaves one out).
-    "alerts": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}},
+    # Every alert (all-features leaves one out) and the Grafana dashboard.
+    "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+                   "grafanaDashboard": {"enabled": True}},
 }
 
 # The rule checks must catch what they are for: a misspelt metric, a label value no service
@@ -215,6 +258,9 @@ for name, overrides in variants.items():
             # A CRD as well; its rules are checked against the services' metrics.
             check_rules(name, doc, metrics, services, overrides)
             continue
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].endswith("-dashboard"):
+            check(doc["metadata"]["labels"].get("grafana_dashboard") == "1", f"{name}: dashboard labelled for the sidecar")
+            check_dashboard(name, doc, metrics)
         if doc["kind"] == "ServiceMonitor":
             # A CRD: not in the Kubernetes schemas; check its shape by hand.
             check(doc["spec"]["endpoints"][0]["path"] == "/metrics", f"{name}: ServiceMonitor scrapes /metrics")
