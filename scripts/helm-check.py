@@ -172,6 +172,14 @@ def check_rules(variant, doc, metrics, services, overrides):
                 check(label in (known if out is None else out), f"{what}: annotation's $labels.{label} survives the expression")
 
 
+# The public paths the chart's Ingresses route, and the service behind each. Both must match
+# the code: the normalizer's webhook route, and the prefix config check demands of
+# `dispatcher.callback_path`.
+ENTRY_POINTS = {"/ingest/": "normalizer", "/callbacks/": "callback-dispatcher"}
+check('route("/ingest/{source}"' in open("services/normalizer/src/ingress.rs").read()
+      and 'callback_path.starts_with("/callbacks/")' in open("shared/config/src/dispatcher.rs").read(),
+      "the Ingress paths /ingest/ and /callbacks/ are the ones the services serve")
+
 metrics = service_metrics()
 check(len(metrics) >= 30 and metrics["agentbridge_metering_tokens_total"][1] >= {"agent", "kind"}
       and sorted(n for n, m in metrics.items() if m[2]) == sorted(n for n in metrics if n.endswith(("_seconds", "_credits")) and "budget" not in n)
@@ -216,6 +224,8 @@ variants = {
         "secretEnvFrom": ["agentbridge-secrets"],
         "env": {"AGENTBRIDGE__TRANSPORT__PREFIX": "prod."},
         "services": {"normalizer": {"autoscaling": {"enabled": False}, "replicas": 3}},
+        "ingress": {"className": "nginx", "normalizer": {"enabled": True, "tlsSecret": "hooks-tls"},
+                    "callback-dispatcher": {"enabled": True, "annotations": {"example.com/limit": "10"}}},
     },
     # Every alert (all-features leaves one out) and the Grafana dashboard.
     "monitoring": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
@@ -278,12 +288,27 @@ for name, overrides in variants.items():
             check(c["readinessProbe"]["httpGet"]["path"] == "/readyz", f"{name}: readiness probe on /readyz")
             check(c["livenessProbe"]["httpGet"]["path"] == "/healthz", f"{name}: liveness probe on /healthz")
             check(any(e["name"] == "AGENTBRIDGE_CONFIG" for e in c["env"]), f"{name}: config file wired")
+    ports = {d["metadata"]["name"]: {p["name"] for p in d["spec"]["ports"]} for d in docs if d["kind"] == "Service"}
+    for ing in (d for d in docs if d["kind"] == "Ingress"):
+        what = f"{name}: Ingress/{ing['metadata']['name']}"
+        paths = [(r["host"], p) for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+        for host, p in paths:
+            backend = p["backend"]["service"]
+            check(p["pathType"] == "Prefix" and ENTRY_POINTS.get(p["path"]) == ing["metadata"]["labels"]["app.kubernetes.io/component"]
+                  and backend["name"] == ing["metadata"]["name"] and backend["port"]["name"] in ports.get(backend["name"], ()),
+                  f"{what}: {host}{p['path']} routes to its service's http port")
+            check(not any(ops.startswith(p["path"]) for ops in ("/metrics", "/healthz", "/readyz")),
+                  f"{what}: {p['path']} keeps /metrics, /healthz and /readyz private")
+        for tls in ing["spec"].get("tls", []):
+            check(set(tls["hosts"]) == {h for h, _ in paths}, f"{what}: TLS covers its host")
     print(f"{name}: rendered {', '.join(sorted(kinds))}")
     if name == "defaults":
         check({"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap"} <= set(kinds),
               "defaults render Deployment, Service, HPA, PDB and ConfigMap")
         check(kinds.count("Deployment") == 4, "defaults deploy all four services")
+        check("Ingress" not in kinds, "defaults expose nothing outside the cluster")
     elif name == "all-features":
+        check(kinds.count("Ingress") == 2, "all-features: an Ingress for the normalizer and one for the callback-dispatcher")
         check("ServiceMonitor" in kinds and "PrometheusRule" in kinds and "ab-agentbridge-normalizer" not in hpas,
               "all-features: ServiceMonitor and PrometheusRule on, no normalizer HPA when its autoscaling is disabled")
 
