@@ -153,10 +153,17 @@ def check_rules(variant, doc, metrics, services, overrides):
     rules = [r for g in doc["spec"]["groups"] for r in g["rules"]]
     names = [r["alert"] for r in rules]
     check(len(rules) >= 10 and len(set(names)) == len(names), f"{variant}: {len(rules)} alerts, names unique")
+    if not overrides["prometheusRule"].get("disabled"):
+        check(set(names) == RUNBOOKS, f"{variant}: docs/runbooks.md has a section for each alert and no other")
     for disabled in overrides["prometheusRule"].get("disabled", []):
         check(disabled not in names, f"{variant}: {disabled} left out as asked")
+    runbook_base = overrides["prometheusRule"].get("runbookBaseUrl")
     for r in rules:
         what = f"{variant}: {r['alert']}"
+        check(r["alert"] in RUNBOOKS, f"{what}: has a section in docs/runbooks.md")
+        if runbook_base:
+            check(r["annotations"].get("runbook_url") == f"{runbook_base}#{r['alert'].lower()}",
+                  f"{what}: runbook_url links its section")
         check(r["labels"].get("severity") in ("critical", "warning"), f"{what}: severity {r['labels'].get('severity')}")
         for k, v in overrides["prometheusRule"].get("alertLabels", {}).items():
             check(r["labels"].get(k) == v, f"{what}: alert label {k}={v}")
@@ -179,6 +186,9 @@ ENTRY_POINTS = {"/ingest/": "normalizer", "/callbacks/": "callback-dispatcher"}
 check('route("/ingest/{source}"' in open("services/normalizer/src/ingress.rs").read()
       and 'callback_path.starts_with("/callbacks/")' in open("shared/config/src/dispatcher.rs").read(),
       "the Ingress paths /ingest/ and /callbacks/ are the ones the services serve")
+
+# The alerts docs/runbooks.md explains: one `## <alert name>` section each.
+RUNBOOKS = set(re.findall(r"^## (Agentbridge[A-Za-z]+)$", open("docs/runbooks.md").read(), re.M))
 
 metrics = service_metrics()
 check(len(metrics) >= 30 and metrics["agentbridge_metering_tokens_total"][1] >= {"agent", "kind"}
@@ -220,7 +230,8 @@ variants = {
     "defaults": {},
     "all-features": {
         "serviceMonitor": {"enabled": True},
-        "prometheusRule": {"enabled": True, "disabled": ["AgentbridgeTriggerSlow"], "alertLabels": {"team": "platform"}},
+        "prometheusRule": {"enabled": True, "disabled": ["AgentbridgeTriggerSlow"], "alertLabels": {"team": "platform"},
+                           "runbookBaseUrl": "https://git.example.com/agentbridge/blob/main/docs/runbooks.md"},
         "secretEnvFrom": ["agentbridge-secrets"],
         "env": {"AGENTBRIDGE__TRANSPORT__PREFIX": "prod."},
         "services": {"normalizer": {"autoscaling": {"enabled": False}, "replicas": 3}},
