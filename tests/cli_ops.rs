@@ -19,20 +19,6 @@ fn write_config(prefix: &str, body: &str) -> PathBuf {
     path
 }
 
-fn transport_yaml(backend: Backend, prefix: &str) -> String {
-    match backend {
-        Backend::Kafka => format!(
-            "transport:\n  kind: kafka\n  prefix: '{prefix}'\n  kafka:\n    brokers: '{}'\n    session_timeout: 6s\n    heartbeat_interval: 1s\n    max_poll_interval: 10s\n    partitions: 3\n",
-            common::kafka_brokers()
-        ),
-        Backend::Rabbitmq => format!(
-            "transport:\n  kind: rabbitmq\n  prefix: '{prefix}'\n  rabbitmq:\n    url: '{}'\n    queue_expires: 120s\n",
-            common::amqp_url()
-        ),
-        Backend::Memory => unreachable!("the CLI refuses the memory transport"),
-    }
-}
-
 /// Runs the CLI; (success, stdout, stderr).
 fn cli(config: &PathBuf, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
@@ -90,7 +76,7 @@ async fn dlq_list_show_replay(backend: Backend) {
         let topic = topics.dlq(dl.stage.as_str());
         transport.publish(&topic, Message::new(dl.origin.key.clone(), dl.to_vec())).await.expect("publish dead letter");
     }
-    let config = write_config(&prefix, &transport_yaml(backend, &prefix));
+    let config = write_config(&prefix, &common::transport_yaml(backend, &prefix));
 
     // list: all three, twice (browsing removes nothing).
     for _ in 0..2 {

@@ -1100,6 +1100,52 @@ pub async fn store_outage_fails_closed_then_recovers(backend: Backend) {
     h.stop().await;
 }
 
+/// An operator replays a timed-out run's dead letter with the CLI: the claim committed to the
+/// run that never reported back is reopened, so the replay starts a new run under
+/// `<key>.rerun-1` instead of being acknowledged as a duplicate.
+pub async fn replay_of_a_timed_out_run_starts_a_new_run(backend: Backend) {
+    let mut h = Harness::new(backend, Knobs::default(), |c| {
+        c.trigger_worker.run_deadline = Duration::from_secs(2);
+        c.trigger_worker.watchdog_interval = Duration::from_millis(200);
+    })
+    .await;
+    h.spawn_replica().await;
+    let watchdog_metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
+    h.spawn_watchdog(watchdog_metrics.clone()).await;
+    let (key, bytes) = h.event("times-out");
+    h.publish(&key, &bytes).await;
+    let patience = h.patience();
+    eventually(patience, "the run timed out", || watchdog_metrics.timed_out_count(AGENT) == 1).await;
+    let first_run = h.run_of(&key).await;
+
+    let dir = std::env::temp_dir().join(format!("agentbridge-replay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("agentbridge.yaml");
+    let store_yaml =
+        format!("store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{}:'\n", redis_url(), h.prefix);
+    std::fs::write(&config, format!("{}{store_yaml}", common::transport_yaml(backend, &h.prefix))).expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
+        .arg("--config")
+        .arg(&config)
+        .args(["dlq", "replay", "--reason", "callback_timeout"])
+        .env_remove("AGENTBRIDGE_CONFIG")
+        .output()
+        .expect("run agentbridge");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("claim of run {first_run} reopened: the replay starts re-run 1")), "{stdout}");
+    assert!(stdout.contains("1 replayed"), "{stdout}");
+
+    eventually(patience, "the replay triggered a new run", || h.count(outcome::TRIGGERED) == 2).await;
+    assert_eq!(h.count(outcome::DUPLICATE), 0, "the replay was not taken for a duplicate");
+    let stats = h.stats();
+    assert_eq!(requests(&stats, &key), 1, "the first run");
+    assert_eq!(requests(&stats, &format!("{key}.rerun-1")), 1, "a new platform run, not the timed-out one");
+    let second_run = h.run_of(&key).await;
+    assert_ne!(second_run, first_run, "the claim records the new run");
+    h.stop().await;
+}
+
 macro_rules! suite {
     ($backend:ident, $modname:ident) => {
         mod $modname {
@@ -1143,6 +1189,10 @@ macro_rules! suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn overdue_run_is_dead_lettered_as_callback_timeout() {
                 super::overdue_run_is_dead_lettered_as_callback_timeout(Backend::$backend).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn replay_of_a_timed_out_run_starts_a_new_run() {
+                super::replay_of_a_timed_out_run_starts_a_new_run(Backend::$backend).await
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn poll_mode_publishes_each_completion_once() {

@@ -20,13 +20,16 @@
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentbridge_config::{parse_duration, Config, TransportKind};
-use agentbridge_contracts::{DeadLetter, Stage, Topics};
+use agentbridge_contracts::{trigger_claim_key, DeadLetter, Stage, Topics};
+use agentbridge_store::{Reopen, Store};
 use agentbridge_transport::{
     Delivery, Message, Subscription, Transport, DLQ_GROUP, HEADER_ATTEMPT, HEADER_REDELIVERIES,
 };
+use agentbridge_trigger_worker::error::reason::CALLBACK_TIMEOUT;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
@@ -189,6 +192,34 @@ async fn reappend(transport: &dyn Transport, d: Delivery) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Makes the replay of a timed-out run start a new run. The trigger-worker committed the event's
+/// dedup claim to the run that timed out, so a plain replay would be acknowledged as a
+/// duplicate; reopening the claim, as the callback-dispatcher does for a re-run, makes the
+/// replay claim re-run `n` and trigger it under `<key>.rerun-<n>` (a new platform run). An
+/// operator's re-runs are not bounded by `dispatcher.rerun.max_reruns`: each is a deliberate
+/// decision.
+async fn reopen_timed_out(store: &dyn Store, dl: &DeadLetter, ttl: Duration) -> anyhow::Result<()> {
+    let (Some(key), Some(run_id)) = (dl.origin.key.as_deref(), dl.headers.get("run_id")) else {
+        eprintln!("{}: no idempotency key or run id recorded; replayed as is", dl.id);
+        return Ok(());
+    };
+    let outcome = store
+        .reopen(&trigger_claim_key(key), run_id, u32::MAX, ttl)
+        .await
+        .with_context(|| format!("reopen the dedup claim of {} for a re-run", dl.id))?;
+    match outcome {
+        Reopen::Reopened { rerun } | Reopen::AlreadyReopened { rerun } => {
+            println!("{}: claim of run {run_id} reopened: the replay starts re-run {rerun}", dl.id)
+        }
+        Reopen::InProgress => println!("{}: the event is being triggered again already", dl.id),
+        Reopen::NotCommitted => {
+            println!("{}: the claim no longer records run {run_id}; replayed as a new event", dl.id)
+        }
+        Reopen::Exhausted { reruns } => bail!("{}: {reruns} re-runs already: the re-run record is full", dl.id),
+    }
+    Ok(())
+}
+
 /// The original message a replay publishes: the original key, the original headers minus the
 /// transport's attempt bookkeeping (a replay starts afresh), plus where it came from.
 pub fn replay_message(dl: &DeadLetter) -> Message {
@@ -291,10 +322,18 @@ pub async fn run(config: Option<&Path>, command: DlqCommand) -> anyhow::Result<E
                 return Ok(ExitCode::SUCCESS);
             }
             let mut replayed = 0usize;
+            let mut store: Option<Arc<dyn Store>> = None;
             for (dl, delivery) in pass.matched {
                 if dl.origin.topic.is_empty() {
                     eprintln!("{}: no original topic recorded; left in the dead-letter queue", dl.id);
                     continue;
+                }
+                if dl.stage == Stage::Trigger && dl.reason == CALLBACK_TIMEOUT {
+                    if store.is_none() {
+                        store = Some(agentbridge_store::connect(&config.store).await.context("connect the store")?);
+                    }
+                    let store = store.as_deref().unwrap_or_else(|| unreachable!("connected above"));
+                    reopen_timed_out(store, &dl, config.trigger_worker.dedup_ttl).await?;
                 }
                 transport
                     .publish(&dl.origin.topic, replay_message(&dl))

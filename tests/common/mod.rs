@@ -90,6 +90,22 @@ pub fn transport_config(backend: Backend, prefix: &str) -> TransportConfig {
     c
 }
 
+/// The `transport:` section of a configuration file with the settings of [`transport_config`],
+/// for tests that run the `agentbridge` CLI.
+pub fn transport_yaml(backend: Backend, prefix: &str) -> String {
+    match backend {
+        Backend::Kafka => format!(
+            "transport:\n  kind: kafka\n  prefix: '{prefix}'\n  kafka:\n    brokers: '{}'\n    session_timeout: 6s\n    heartbeat_interval: 1s\n    max_poll_interval: 10s\n    partitions: 3\n",
+            kafka_brokers()
+        ),
+        Backend::Rabbitmq => format!(
+            "transport:\n  kind: rabbitmq\n  prefix: '{prefix}'\n  rabbitmq:\n    url: '{}'\n    queue_expires: 120s\n",
+            amqp_url()
+        ),
+        Backend::Memory => unreachable!("the CLI refuses the memory transport"),
+    }
+}
+
 pub async fn backend_transport(backend: Backend, prefix: &str) -> Arc<dyn Transport> {
     agentbridge_transport::connect(&transport_config(backend, prefix)).await.expect("connect transport")
 }
