@@ -18,7 +18,7 @@ use agentbridge_config::{
 use agentbridge_contracts::{DeadLetter, Envelope, RunEvent, RunStage, Topics, UsageRecord};
 use agentbridge_runtime::CancellationToken;
 use agentbridge_store::Claim;
-use agentbridge_transport::{Message, Transport};
+use agentbridge_transport::{Message, Transport, HEADER_REPLAY_OF};
 use agentbridge_trigger_worker::simulator::{Knobs, Simulator, SimulatorConfig};
 use bytes::Bytes;
 use common::{redis_url, transport_config, unique_prefix, Backend};
@@ -1040,4 +1040,66 @@ async fn duplicate_completions_write_back_once_and_4xx_goes_to_dlq_writeback() {
     assert!(dl.detail.contains("RecordInvalid"), "{}", dl.detail);
     assert_eq!(h.on(&results).len(), 1);
     h.stop().await;
+}
+
+/// A write-back refused with a 4xx is dead-lettered; once the target accepts again, an operator
+/// replays it with `agentbridge dlq replay` and it is written back (the run's dispatch mark,
+/// committed with the dead letter, does not make the replay a duplicate). A redelivered replay
+/// writes nothing twice.
+async fn writeback_dead_letter_replays_once(backend: Backend) {
+    let fake = Fake::start(vec![(422, None, r#"{"error":"RecordInvalid"}"#)], None).await;
+    let h = Harness::start_with(backend, zendesk_target(&fake.url())).await;
+    put_run(&h, "run_replay", json!({"ticket_id": "35436"})).await;
+    let body = callback("run_replay", "workspace.agent.run.completed", "completed", triage_output());
+    assert_eq!(h.post(&sw(SECRET, "msg_replay", now(), &body), "application/json", body).await, 200);
+    let dlq = h.topics.dlq("writeback");
+    eventually(Duration::from_secs(60), "a write-back dead letter", || !h.on(&dlq).is_empty()).await;
+    let dl = DeadLetter::from_slice(&h.on(&dlq)[0]).expect("dead letter");
+    assert_eq!(dl.reason, "writeback_4xx");
+
+    let dir = std::env::temp_dir().join(format!("agentbridge-replay-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("agentbridge.yaml");
+    let prefix = h.topics.prefix().to_string();
+    let store = format!("store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{prefix}:'\n", redis_url());
+    std::fs::write(&config, format!("{}{store}", common::transport_yaml(backend, &prefix))).expect("config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
+        .arg("--config")
+        .arg(&config)
+        .args(["dlq", "replay", "--reason", "writeback_4xx"])
+        .env_remove("AGENTBRIDGE_CONFIG")
+        .output()
+        .expect("run agentbridge");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("1 replayed"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+
+    let results = h.topics.results("customer_support");
+    eventually(Duration::from_secs(60), "the replay written back", || !h.on(&results).is_empty()).await;
+    let r = Envelope::from_slice(&h.on(&results)[0]).expect("result");
+    assert_eq!(r.data["writeback"]["status"], "applied");
+    let puts = || fake.requests().into_iter().filter(|r| r.method == "PUT").count();
+    assert_eq!(puts(), 2, "the refused write-back, then the replay's");
+
+    // The same replay delivered again (a crash before the CLI's ack): nothing twice.
+    let mut again = Message::new(dl.origin.key.clone(), dl.original.clone());
+    again.headers.insert(HEADER_REPLAY_OF.into(), dl.id.clone());
+    h.transport.publish(&h.topics.completions(), again).await.expect("publish replay again");
+    let metrics = h.running.as_ref().expect("running").metrics.clone();
+    eventually(Duration::from_secs(30), "the second replay taken for a duplicate", || {
+        metrics.completions_count("support-triage", "duplicate") == 1
+    })
+    .await;
+    assert_eq!(puts(), 2, "a redelivered replay writes nothing");
+    assert_eq!(h.on(&results).len(), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn writeback_dead_letter_replays_once_on_rabbitmq_and_redis() {
+    writeback_dead_letter_replays_once(Backend::Rabbitmq).await;
+}
+
+#[tokio::test]
+async fn writeback_dead_letter_replays_once_on_kafka_and_redis() {
+    writeback_dead_letter_replays_once(Backend::Kafka).await;
 }

@@ -27,14 +27,11 @@ use agentbridge_config::{parse_duration, Config, TransportKind};
 use agentbridge_contracts::{trigger_claim_key, DeadLetter, Stage, Topics};
 use agentbridge_store::{Reopen, Store};
 use agentbridge_transport::{
-    Delivery, Message, Subscription, Transport, DLQ_GROUP, HEADER_ATTEMPT, HEADER_REDELIVERIES,
+    Delivery, Message, Subscription, Transport, DLQ_GROUP, HEADER_ATTEMPT, HEADER_REDELIVERIES, HEADER_REPLAY_OF,
 };
 use agentbridge_trigger_worker::error::reason::CALLBACK_TIMEOUT;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-
-/// Header a replayed message carries: the id of the dead letter it came from.
-pub const HEADER_REPLAY_OF: &str = "x-agentbridge-replay-of";
 
 const STAGES: [Stage; 6] =
     [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Meter, Stage::Transport];

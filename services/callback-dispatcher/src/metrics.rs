@@ -97,6 +97,11 @@ impl Metrics {
         self.reruns.with_label_values(&[agent, outcome]).get()
     }
 
+    /// The current value of `completions_total{agent, decision}` (tests).
+    pub fn completions_count(&self, agent: &str, decision: &str) -> u64 {
+        self.completions.with_label_values(&[agent, decision]).get()
+    }
+
     /// The current value of `callbacks_total{outcome, reason}` (tests, CLI).
     pub fn callbacks_count(&self, outcome: &str, reason: &str) -> u64 {
         self.callbacks.with_label_values(&[outcome, reason]).get()

@@ -61,7 +61,7 @@ use agentbridge_contracts::{
 };
 use agentbridge_runtime::backoff::Backoff;
 use agentbridge_store::{Claim, Reopen, Store, StoreError};
-use agentbridge_transport::{Delivery, Message, Subscription, Transport, TransportError, DLQ_GROUP};
+use agentbridge_transport::{Delivery, Message, Subscription, Transport, TransportError, DLQ_GROUP, HEADER_REPLAY_OF};
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
@@ -374,7 +374,13 @@ impl Worker {
         ctx: RunContext,
         received: DateTime<Utc>,
     ) {
-        let mark = format!("dispatch:{}", ctx.run_id);
+        // A completion replayed from dlq.validate or dlq.writeback by an operator has a mark of
+        // its own: the run's mark was committed when it was dead-lettered, and would make the
+        // replay a silent duplicate. Keyed by the dead letter, a redelivered replay is still one.
+        let mark = match delivery.data.headers.get(HEADER_REPLAY_OF) {
+            Some(dead_letter) => format!("dispatch:{}:replay:{dead_letter}", ctx.run_id),
+            None => format!("dispatch:{}", ctx.run_id),
+        };
         let token = match self.store.claim(&mark, DISPATCH_LEASE).await {
             Ok(Claim::Acquired { token, .. }) => token,
             Ok(Claim::Done { .. }) => {

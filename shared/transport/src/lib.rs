@@ -39,6 +39,10 @@ use bytes::Bytes;
 pub const HEADER_ATTEMPT: &str = "x-agentbridge-attempt";
 /// Header carrying how many times a message was given back with `nack` (poison guard).
 pub const HEADER_REDELIVERIES: &str = "x-agentbridge-redeliveries";
+/// Header a message re-published by `agentbridge dlq replay` carries: the id of the dead letter
+/// it came from. A stage that remembers what it handled keys a replay by it, so an operator's
+/// replay is processed again (once) rather than taken for a duplicate.
+pub const HEADER_REPLAY_OF: &str = "x-agentbridge-replay-of";
 /// Header carrying the original topic of a message that travelled through a retry/delay queue.
 pub const HEADER_TOPIC: &str = "x-agentbridge-topic";
 /// Header carrying the earliest time (Unix ms) a delayed retry may be processed.
