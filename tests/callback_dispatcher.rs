@@ -1057,21 +1057,9 @@ async fn writeback_dead_letter_replays_once(backend: Backend) {
     let dl = DeadLetter::from_slice(&h.on(&dlq)[0]).expect("dead letter");
     assert_eq!(dl.reason, "writeback_4xx");
 
-    let dir = std::env::temp_dir().join(format!("agentbridge-replay-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("agentbridge.yaml");
-    let prefix = h.topics.prefix().to_string();
-    let store = format!("store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{prefix}:'\n", redis_url());
-    std::fs::write(&config, format!("{}{store}", common::transport_yaml(backend, &prefix))).expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
-        .arg("--config")
-        .arg(&config)
-        .args(["dlq", "replay", "--reason", "writeback_4xx"])
-        .env_remove("AGENTBRIDGE_CONFIG")
-        .output()
-        .expect("run agentbridge");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && stdout.contains("1 replayed"), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, stdout, stderr) =
+        common::cli_on(backend, h.topics.prefix(), &["dlq", "replay", "--reason", "writeback_4xx"]);
+    assert!(ok && stdout.contains("1 replayed"), "{stdout}{stderr}");
 
     let results = h.topics.results("customer_support");
     eventually(Duration::from_secs(60), "the replay written back", || !h.on(&results).is_empty()).await;

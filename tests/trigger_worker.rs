@@ -137,6 +137,20 @@ impl Harness {
         self.replicas.push(Replica { worker, task });
     }
 
+    /// A harness with one worker replica and a watchdog sweeping every 200 ms for runs older
+    /// than `run_deadline`; the watchdog's metrics beside it.
+    async fn watched(backend: Backend, run_deadline: Duration) -> (Self, agentbridge_trigger_worker::Metrics) {
+        let mut h = Harness::new(backend, Knobs::default(), |c| {
+            c.trigger_worker.run_deadline = run_deadline;
+            c.trigger_worker.watchdog_interval = Duration::from_millis(200);
+        })
+        .await;
+        h.spawn_replica().await;
+        let watchdog_metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
+        h.spawn_watchdog(watchdog_metrics.clone()).await;
+        (h, watchdog_metrics)
+    }
+
     /// Starts a watchdog (its own store and broker connections) reporting into `metrics`.
     async fn spawn_watchdog(&self, metrics: agentbridge_trigger_worker::Metrics) {
         let transport = agentbridge_transport::connect(&self.config.transport).await.expect("watchdog transport");
@@ -521,14 +535,7 @@ pub async fn rate_limit_holds_across_replicas(backend: Backend) {
 }
 
 pub async fn overdue_run_is_dead_lettered_as_callback_timeout(backend: Backend) {
-    let mut h = Harness::new(backend, Knobs::default(), |c| {
-        c.trigger_worker.run_deadline = Duration::from_secs(2);
-        c.trigger_worker.watchdog_interval = Duration::from_millis(200);
-    })
-    .await;
-    h.spawn_replica().await;
-    let watchdog_metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
-    h.spawn_watchdog(watchdog_metrics.clone()).await;
+    let (h, watchdog_metrics) = Harness::watched(backend, Duration::from_secs(2)).await;
     let (late, late_bytes) = h.event("never-calls-back");
     let (done, done_bytes) = h.event("completes");
     h.publish(&late, &late_bytes).await;
@@ -693,14 +700,7 @@ pub async fn poll_mode_publishes_each_completion_once(backend: Backend) {
 /// Callback mode, callbacks lost: at the deadline the watchdog polls. The run that finished is
 /// published as a completion (not dead-lettered); the one still queued times out as before.
 pub async fn watchdog_publishes_finished_runs_and_times_out_pending_ones(backend: Backend) {
-    let mut h = Harness::new(backend, Knobs::default(), |c| {
-        c.trigger_worker.run_deadline = Duration::from_secs(3);
-        c.trigger_worker.watchdog_interval = Duration::from_millis(200);
-    })
-    .await;
-    h.spawn_replica().await;
-    let watchdog_metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
-    h.spawn_watchdog(watchdog_metrics.clone()).await;
+    let (h, watchdog_metrics) = Harness::watched(backend, Duration::from_secs(3)).await;
     let patience = h.patience();
     // The first run finishes at once but its callback never comes.
     h.sim.set_knobs(Knobs {
@@ -1104,35 +1104,15 @@ pub async fn store_outage_fails_closed_then_recovers(backend: Backend) {
 /// run that never reported back is reopened, so the replay starts a new run under
 /// `<key>.rerun-1` instead of being acknowledged as a duplicate.
 pub async fn replay_of_a_timed_out_run_starts_a_new_run(backend: Backend) {
-    let mut h = Harness::new(backend, Knobs::default(), |c| {
-        c.trigger_worker.run_deadline = Duration::from_secs(2);
-        c.trigger_worker.watchdog_interval = Duration::from_millis(200);
-    })
-    .await;
-    h.spawn_replica().await;
-    let watchdog_metrics = agentbridge_trigger_worker::Metrics::new().expect("metrics");
-    h.spawn_watchdog(watchdog_metrics.clone()).await;
+    let (h, watchdog_metrics) = Harness::watched(backend, Duration::from_secs(2)).await;
     let (key, bytes) = h.event("times-out");
     h.publish(&key, &bytes).await;
     let patience = h.patience();
     eventually(patience, "the run timed out", || watchdog_metrics.timed_out_count(AGENT) == 1).await;
     let first_run = h.run_of(&key).await;
 
-    let dir = std::env::temp_dir().join(format!("agentbridge-replay-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let config = dir.join("agentbridge.yaml");
-    let store_yaml =
-        format!("store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{}:'\n", redis_url(), h.prefix);
-    std::fs::write(&config, format!("{}{store_yaml}", common::transport_yaml(backend, &h.prefix))).expect("config");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
-        .arg("--config")
-        .arg(&config)
-        .args(["dlq", "replay", "--reason", "callback_timeout"])
-        .env_remove("AGENTBRIDGE_CONFIG")
-        .output()
-        .expect("run agentbridge");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let (ok, stdout, stderr) = common::cli_on(backend, &h.prefix, &["dlq", "replay", "--reason", "callback_timeout"]);
+    assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains(&format!("claim of run {first_run} reopened: the replay starts re-run 1")), "{stdout}");
     assert!(stdout.contains("1 replayed"), "{stdout}");
 

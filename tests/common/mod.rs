@@ -106,6 +106,28 @@ pub fn transport_yaml(backend: Backend, prefix: &str) -> String {
     }
 }
 
+/// Runs the `agentbridge` CLI with a configuration of the test's broker (`prefix`) and Redis
+/// store (keys under `<prefix>:`, as the services' harnesses use); (success, stdout, stderr).
+pub fn cli_on(backend: Backend, prefix: &str, args: &[&str]) -> (bool, String, String) {
+    let dir = std::env::temp_dir().join(format!("agentbridge-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("agentbridge.yaml");
+    let store = format!("store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{prefix}:'\n", redis_url());
+    std::fs::write(&config, format!("{}{store}", transport_yaml(backend, prefix))).expect("write config");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
+        .arg("--config")
+        .arg(&config)
+        .args(args)
+        .env_remove("AGENTBRIDGE_CONFIG")
+        .output()
+        .expect("run agentbridge");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub async fn backend_transport(backend: Backend, prefix: &str) -> Arc<dyn Transport> {
     agentbridge_transport::connect(&transport_config(backend, prefix)).await.expect("connect transport")
 }
