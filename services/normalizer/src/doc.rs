@@ -15,12 +15,19 @@
 //! of [`Doc::parse`], but nothing is built for them. Coupa invoices carry kilobytes of user,
 //! address, account and item records the adapter does not look at; not building them halves
 //! the cost of reading one.
+//!
+//! Both are read first by a JSON reader of our own (`reader`), which scans strings eight bytes
+//! at a time and steps over unread members without decoding them; it hands any document it
+//! cannot decide exactly as `serde_json` would (every invalid one among them) to `serde_json`,
+//! so values and errors stay `serde_json`'s.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
+
+mod reader;
 
 /// One parsed JSON value borrowing from the raw bytes.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,23 +52,11 @@ impl<'a> Doc<'a> {
     /// Parses JSON bytes like [`Doc::parse`] (same grammar, limits and errors) but builds only
     /// the members `select` names; the others are absent from the result.
     pub fn parse_selected(bytes: &'a [u8], select: &Select) -> Result<Doc<'a>, serde_json::Error> {
-        match std::str::from_utf8(bytes) {
-            // Checking the UTF-8 of the whole input at once is much cheaper than checking it
-            // string by string, which is all that parsing `&str` instead of bytes skips.
-            Ok(text) => {
-                let mut de = serde_json::Deserializer::from_str(text);
-                let doc = DocSeed { select }.deserialize(&mut de)?;
-                de.end()?;
-                Ok(doc)
-            }
-            // Not UTF-8, so not JSON: parsing the bytes finds the same first error (and names
-            // the same position) as `serde_json::from_slice` does.
-            Err(_) => {
-                let mut de = serde_json::Deserializer::from_slice(bytes);
-                let doc = DocSeed { select }.deserialize(&mut de)?;
-                de.end()?;
-                Ok(doc)
-            }
+        // The fast reader takes the documents it can decide exactly as `serde_json` would and
+        // hands every other one (all invalid ones among them) to `serde_json`.
+        match std::str::from_utf8(bytes).ok().and_then(|text| reader::read(text, select)) {
+            Some(doc) => Ok(doc),
+            None => serde_read(bytes, select),
         }
     }
 
@@ -174,6 +169,28 @@ impl<'a> Doc<'a> {
             Doc::String(_) => "a string",
             Doc::Array(_) => "an array",
             Doc::Object(_) => "an object",
+        }
+    }
+}
+
+/// [`Doc::parse_selected`] by `serde_json` alone.
+fn serde_read<'a>(bytes: &'a [u8], select: &Select) -> Result<Doc<'a>, serde_json::Error> {
+    match std::str::from_utf8(bytes) {
+        // Checking the UTF-8 of the whole input at once is much cheaper than checking it
+        // string by string, which is all that parsing `&str` instead of bytes skips.
+        Ok(text) => {
+            let mut de = serde_json::Deserializer::from_str(text);
+            let doc = DocSeed { select }.deserialize(&mut de)?;
+            de.end()?;
+            Ok(doc)
+        }
+        // Not UTF-8, so not JSON: parsing the bytes finds the same first error (and names
+        // the same position) as `serde_json::from_slice` does.
+        Err(_) => {
+            let mut de = serde_json::Deserializer::from_slice(bytes);
+            let doc = DocSeed { select }.deserialize(&mut de)?;
+            de.end()?;
+            Ok(doc)
         }
     }
 }

@@ -13,9 +13,10 @@ use serde_json::Value;
 const ONES: u64 = 0x0101_0101_0101_0101;
 const HIGHS: u64 = 0x8080_8080_8080_8080;
 
-/// Whether any of the eight bytes in `w` is a control character, `"` or `\`.
+/// Whether any of the eight bytes in `w` is a control character, `"` or `\`: a byte that must
+/// be escaped when writing a JSON string, and one that ends a clean run when reading one.
 #[inline]
-fn needs_escape(w: u64) -> bool {
+pub fn needs_escape(w: u64) -> bool {
     // Classic "has a byte below n" / "has a zero byte" tests: exact for "any", which is all
     // that is asked (the exact byte is found by the byte loop).
     let below_space = w.wrapping_sub(ONES * 0x20) & !w;

@@ -1,0 +1,484 @@
+//! The fast path of [`Doc::parse_selected`](super::Doc::parse_selected): a JSON reader written
+//! for the shape of vendor events, with `serde_json` behind it for everything else.
+//!
+//! Reading a raw event was half of the normalizer's time on Coupa invoices, and most of that
+//! was `serde_json`'s visitor machinery stepping through members nobody reads. This reader
+//! scans strings eight bytes at a time, skips unread members without decoding them and builds
+//! only what the selection names.
+//!
+//! It never decides anything `serde_json` would decide differently: it answers `None`
+//! ("ask `serde_json`") for every input it refuses and for everything it does not handle
+//! exactly as `serde_json` does — surrogate escapes, numbers that are not plain integers where
+//! the value is built, floats near the edge of the `f64` range, nesting deeper than
+//! [`MAX_DEPTH`]. So the accepted grammar, every value and every error message stay
+//! `serde_json`'s; the tests compare the two paths on arbitrary and mutated documents.
+
+use std::borrow::Cow;
+
+use serde_json::Number;
+
+use super::{Doc, Select};
+
+/// Nesting this reader follows before leaving the document to `serde_json` (whose own limit,
+/// 128, is an error there; staying well under it keeps that error `serde_json`'s).
+const MAX_DEPTH: u32 = 100;
+
+/// Reads `text` as one JSON value building what `select` names, or `None` to say that
+/// `serde_json` must parse it (because it is invalid, or unusual; see the module doc).
+pub(super) fn read<'a>(text: &'a str, select: &Select) -> Option<Doc<'a>> {
+    let mut r = Reader { text, bytes: text.as_bytes(), pos: 0 };
+    let doc = r.value(select, MAX_DEPTH)?;
+    r.whitespace();
+    (r.pos == r.bytes.len()).then_some(doc)
+}
+
+struct Reader<'a> {
+    text: &'a str,
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.pos).copied()
+    }
+
+    #[inline]
+    fn whitespace(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    /// Skips whitespace and takes `b` if it comes next.
+    #[inline]
+    fn eat(&mut self, b: u8) -> bool {
+        self.whitespace();
+        if self.peek() == Some(b) {
+            self.pos += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        let end = self.pos + word.len();
+        (self.bytes.get(self.pos..end)? == word).then(|| self.pos = end)
+    }
+
+    fn value(&mut self, select: &Select, depth: u32) -> Option<Doc<'a>> {
+        self.whitespace();
+        match self.peek()? {
+            b'{' => {
+                let depth = depth.checked_sub(1)?;
+                self.pos += 1;
+                let mut members = Vec::with_capacity(16);
+                if self.eat(b'}') {
+                    return Some(Doc::Object(members));
+                }
+                loop {
+                    if !self.eat(b'"') {
+                        return None;
+                    }
+                    let key = self.string()?;
+                    if !self.eat(b':') {
+                        return None;
+                    }
+                    match select.member(&key) {
+                        Some(select) => {
+                            let value = self.value(select, depth)?;
+                            members.push((key, value));
+                        }
+                        None => self.skip(depth)?,
+                    }
+                    if !self.eat(b',') {
+                        return self.eat(b'}').then_some(Doc::Object(members));
+                    }
+                }
+            }
+            b'[' => {
+                let depth = depth.checked_sub(1)?;
+                self.pos += 1;
+                let mut items = Vec::with_capacity(4);
+                if self.eat(b']') {
+                    return Some(Doc::Array(items));
+                }
+                loop {
+                    items.push(self.value(select, depth)?);
+                    if !self.eat(b',') {
+                        return self.eat(b']').then_some(Doc::Array(items));
+                    }
+                }
+            }
+            b'"' => {
+                self.pos += 1;
+                self.string().map(Doc::String)
+            }
+            b't' => self.literal(b"true").map(|()| Doc::Bool(true)),
+            b'f' => self.literal(b"false").map(|()| Doc::Bool(false)),
+            b'n' => self.literal(b"null").map(|()| Doc::Null),
+            _ => {
+                let (text, plain) = self.number()?;
+                if plain {
+                    integer(text)
+                } else {
+                    // `serde_json`'s own float parsing (and its `-0`), on the number's text alone.
+                    serde_json::from_str::<Number>(text).ok()
+                }
+                .map(Doc::Number)
+            }
+        }
+    }
+
+    /// Steps over a value nobody reads, checking it as strictly as building it would.
+    fn skip(&mut self, depth: u32) -> Option<()> {
+        self.whitespace();
+        match self.peek()? {
+            b'{' => {
+                let depth = depth.checked_sub(1)?;
+                self.pos += 1;
+                if self.eat(b'}') {
+                    return Some(());
+                }
+                loop {
+                    if !self.eat(b'"') {
+                        return None;
+                    }
+                    self.skip_string()?;
+                    if !self.eat(b':') {
+                        return None;
+                    }
+                    self.skip(depth)?;
+                    if !self.eat(b',') {
+                        return self.eat(b'}').then_some(());
+                    }
+                }
+            }
+            b'[' => {
+                let depth = depth.checked_sub(1)?;
+                self.pos += 1;
+                if self.eat(b']') {
+                    return Some(());
+                }
+                loop {
+                    self.skip(depth)?;
+                    if !self.eat(b',') {
+                        return self.eat(b']').then_some(());
+                    }
+                }
+            }
+            b'"' => {
+                self.pos += 1;
+                self.skip_string()
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => {
+                let (text, plain) = self.number()?;
+                // A float `serde_json` might find out of range (an error there) goes to it; any
+                // other well-formed number is accepted there too.
+                (plain || text.parse::<f64>().is_ok_and(|f| f.abs() < 1e300)).then_some(())
+            }
+        }
+    }
+
+    /// The text of a number in JSON's grammar, and whether it is a plain integer that fits
+    /// `u64` (or `i64` when negative, `-0` excepted: `serde_json` reads that as a float).
+    fn number(&mut self) -> Option<(&'a str, bool)> {
+        let start = self.pos;
+        let negative = self.peek() == Some(b'-');
+        if negative {
+            self.pos += 1;
+        }
+        match self.peek()? {
+            b'0' => self.pos += 1,
+            b'1'..=b'9' => self.digits(),
+            _ => return None,
+        }
+        let mut plain = true;
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            if !self.peek()?.is_ascii_digit() {
+                return None;
+            }
+            self.digits();
+            plain = false;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.pos += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.pos += 1;
+            }
+            if !self.peek()?.is_ascii_digit() {
+                return None;
+            }
+            self.digits();
+            plain = false;
+        }
+        let text = &self.text[start..self.pos];
+        let plain =
+            plain && text != "-0" && if negative { text.parse::<i64>().is_ok() } else { text.parse::<u64>().is_ok() };
+        Some((text, plain))
+    }
+
+    fn digits(&mut self) {
+        while self.peek().is_some_and(|b| b.is_ascii_digit()) {
+            self.pos += 1;
+        }
+    }
+
+    /// Moves to the next `"`, `\` or control character of a string (or the end of the input).
+    #[inline]
+    fn skip_plain(&mut self) {
+        while let Some(word) = self.bytes.get(self.pos..self.pos + 8) {
+            let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            if agentbridge_contracts::json::needs_escape(word) {
+                break;
+            }
+            self.pos += 8;
+        }
+        while self.peek().is_some_and(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+            self.pos += 1;
+        }
+    }
+
+    /// The rest of a string whose opening quote was taken: borrowed unless it has escapes.
+    fn string(&mut self) -> Option<Cow<'a, str>> {
+        let start = self.pos;
+        self.skip_plain();
+        if self.peek()? == b'"' {
+            self.pos += 1;
+            return Some(Cow::Borrowed(&self.text[start..self.pos - 1]));
+        }
+        let mut owned = String::with_capacity(self.pos - start + 16);
+        let mut run = start;
+        loop {
+            owned.push_str(&self.text[run..self.pos]);
+            match self.peek()? {
+                b'"' => {
+                    self.pos += 1;
+                    return Some(Cow::Owned(owned));
+                }
+                b'\\' => {
+                    self.pos += 1;
+                    owned.push(self.escape()?);
+                }
+                _ => return None,
+            }
+            run = self.pos;
+            self.skip_plain();
+        }
+    }
+
+    fn skip_string(&mut self) -> Option<()> {
+        loop {
+            self.skip_plain();
+            match self.peek()? {
+                b'"' => {
+                    self.pos += 1;
+                    return Some(());
+                }
+                b'\\' => {
+                    self.pos += 1;
+                    self.escape()?;
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    /// The character of the escape after a `\`; `None` for invalid escapes and for
+    /// surrogates (pairs and lone ones alike are left to `serde_json`).
+    fn escape(&mut self) -> Option<char> {
+        let c = match self.peek()? {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hex = self.text.get(self.pos + 1..self.pos + 5)?;
+                if !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return None;
+                }
+                self.pos += 4;
+                // `from_u32` refuses exactly the surrogates.
+                char::from_u32(u32::from_str_radix(hex, 16).ok()?)?
+            }
+            _ => return None,
+        };
+        self.pos += 1;
+        Some(c)
+    }
+}
+
+/// A plain integer's `Number`, as `serde_json` makes it.
+fn integer(text: &str) -> Option<Number> {
+    if text.starts_with('-') {
+        text.parse::<i64>().ok().map(Number::from)
+    } else {
+        text.parse::<u64>().ok().map(Number::from)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::doc::serde_read;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Whenever the reader answers, `serde_json` accepts the input and builds the same `Doc`.
+    fn agrees(text: &str, select: &Select) {
+        if let Some(doc) = read(text, select) {
+            match serde_read(text.as_bytes(), select) {
+                Ok(theirs) => assert_eq!(doc, theirs, "{text}"),
+                Err(e) => panic!("read {text:?}, which serde_json refuses: {e}"),
+            }
+        }
+    }
+
+    fn selections() -> Vec<Select> {
+        vec![Select::All, Select::none(), Select::paths(["a", "b.c", "items.id", "x.y.z"])]
+    }
+
+    #[test]
+    fn reads_what_serde_json_reads() {
+        let cases = [
+            r#"{"a": 1, "b": {"c": "d\n\"é\u00e9\u2028", "e": [1, 2.5, -3, 1e5]}, "z": null}"#,
+            r#"[true, false, null, "", {}, [], -0, 0, -1, 18446744073709551615, -9223372036854775808]"#,
+            r#"{"a": 18446744073709551616, "b": -9223372036854775809, "x": 123456789012345678901234}"#,
+            r#" {"a" : [ 1 , { "b" : "c" } ] , "a" : "last" } "#,
+            r#"{"items": [{"id": 1, "skip": {"deep": [[["x"]]]}}, {"id": "2"}]}"#,
+            r#""just a string""#,
+            "12",
+            r#"{"a": 1.7976931348623157e308, "x": 1e-400, "y": -0.0}"#,
+        ];
+        for text in cases {
+            for select in selections() {
+                agrees(text, &select);
+            }
+        }
+        // The common shapes are read here, not handed over.
+        assert!(read(cases[0], &Select::All).is_some() && read(cases[4], &selections()[2]).is_some());
+    }
+
+    #[test]
+    fn hands_over_what_it_does_not_decide() {
+        for text in [
+            "",
+            " ",
+            "{",
+            "[1,]",
+            r#"{"a": 1,}"#,
+            r#"{"a" 1}"#,
+            r#"{"a": "\ud800"}"#,
+            r#"{"a": "\ud83d\ude00"}"#,
+            r#"{"a": "\x"}"#,
+            "{\"a\": \"tab\there\"}",
+            "[01]",
+            "[1.]",
+            "[-]",
+            "[1e]",
+            "[1e999]",
+            "tru",
+            "nul",
+            "{} x",
+            &"[".repeat(101),
+        ] {
+            for select in selections() {
+                assert!(read(text, &select).is_none(), "{text:?}");
+            }
+        }
+    }
+
+    /// Every published payload the tests carry, read whole and with the adapters'
+    /// selections, then broken at every few bytes (a byte replaced, or the rest cut off).
+    #[test]
+    fn agrees_with_serde_json_on_vendor_payloads_and_their_mutations() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        let mut selects = selections();
+        selects.push(Select::paths(crate::adapters::coupa::READS.iter().copied()));
+        let mut read_whole = 0;
+        for entry in std::fs::read_dir(dir).expect("fixtures") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("fixture");
+            for select in &selects {
+                agrees(&text, select);
+                read_whole += usize::from(read(&text, select).is_some());
+            }
+            let bytes = text.as_bytes();
+            for i in (0..bytes.len()).step_by(3) {
+                for with in [b'"', b'\\', b'}', b',', b'1', b'\n'] {
+                    let mut broken = bytes.to_vec();
+                    broken[i] = with;
+                    if let Ok(t) = std::str::from_utf8(&broken) {
+                        agrees(t, &selects[3]);
+                    }
+                }
+                if let Some(t) = text.get(..i) {
+                    agrees(t, &selects[i % 4]);
+                }
+            }
+        }
+        assert!(read_whole >= 20, "the fixtures are read here, not handed over ({read_whole})");
+    }
+
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::String),
+            prop::sample::select(vec!["a", "b", "c", "items", "id", "x", "y", "z"]).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(5, 48, 6, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                prop::collection::vec(
+                    (prop::sample::select(vec!["a", "b", "c", "items", "id", "x", "y", "z", "é\"\\"]), inner),
+                    0..6
+                )
+                .prop_map(|m| Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn agrees_with_serde_json_on_documents(v in json_value(), pretty in any::<bool>()) {
+            let text = if pretty { serde_json::to_string_pretty(&v) } else { serde_json::to_string(&v) };
+            let text = text.expect("serializes");
+            for select in selections() {
+                agrees(&text, &select);
+                // Only floats at the edge of the range (skipped ones) are handed over here.
+                prop_assert!(read(&text, &select).is_some() || text.contains("e+30"), "handed over: {text}");
+            }
+        }
+
+        #[test]
+        fn agrees_with_serde_json_on_mutations(v in json_value(), at in any::<prop::sample::Index>(), with in prop::sample::select(b"{}[]\",:\\ 0-.eEtfnu1x\n\t".to_vec()), cut in any::<bool>()) {
+            let mut bytes = serde_json::to_vec(&v).expect("serializes");
+            let i = at.index(bytes.len());
+            if cut { bytes.truncate(i) } else { bytes[i] = with }
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                for select in selections() {
+                    agrees(text, &select);
+                }
+            }
+        }
+    }
+}
