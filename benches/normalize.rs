@@ -1,7 +1,8 @@
 //! Normalizer throughput on one core: the whole pure pipeline (parse → adapter → map → route
 //! → minimize → hash/redact → validate → serialize the CloudEvent) on the published Zendesk
 //! and Coupa samples, beside plain `serde_json` parse + serialize of the same bytes, measured
-//! in the same run so the ratio is meaningful on any machine.
+//! in the same run so the ratio is meaningful on any machine; then reading the raw event alone,
+//! the normalizer's reader beside `serde_json` doing the same selective parse.
 //!
 //! Goal (issue): ≥ 100k events/s/core and ≥ 40 % of the plain parse+serialize rate.
 //! Run: `cargo bench --bench normalize` (optionally `-- <seconds per measurement>` and words
@@ -14,6 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use agentbridge_config::Config;
+use agentbridge_normalizer::doc::{serde_read, Doc, Select};
 use agentbridge_normalizer::{Outcome, Pipeline};
 use serde_json::Value;
 
@@ -62,6 +64,31 @@ fn main() {
         let ratio = normalize / baseline;
         ok &= normalize >= 100_000.0 && ratio >= 0.40;
         println!("{name:<30} {:>7} {normalize:>16.0} {baseline:>16.0} {:>7.0}%", raw.len(), ratio * 100.0);
+    }
+    // Reading the raw event alone: the normalizer's reader beside the same selective parse
+    // done by serde_json alone (what the reader hands unusual documents to), same selection.
+    let coupa_reads = Select::paths(agentbridge_normalizer::adapters::coupa::READS.iter().copied());
+    let reads = [
+        ("coupa invoice, adapter's selection", "coupa-invoice-get-single.json", &coupa_reads),
+        ("coupa invoice, whole", "coupa-invoice-get-single.json", &Select::All),
+        ("zendesk comment_added, whole", "zendesk-ticket-comment-added-event-webhook.json", &Select::All),
+    ];
+    println!("{:<36} {:>16} {:>16} {:>8}", "reading the raw event", "reader /s", "serde_json /s", "ratio");
+    for (name, file, select) in reads {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            continue;
+        }
+        let raw = std::fs::read(root.join("tests/fixtures").join(file)).expect("fixture");
+        let (mut reader, mut serde) = (0.0f64, 0.0f64);
+        for _ in 0..5 {
+            reader = reader.max(common::rate(budget / 5, || {
+                black_box(Doc::parse_selected(black_box(&raw), select).ok());
+            }));
+            serde = serde.max(common::rate(budget / 5, || {
+                black_box(serde_read(black_box(&raw), select).ok());
+            }));
+        }
+        println!("{name:<36} {reader:>16.0} {serde:>16.0} {:>7.0}%", reader / serde * 100.0);
     }
     println!("goal ≥ 100000 ev/s and ≥ 40% of serde_json: {}", if ok { "met" } else { "NOT met" });
 }

@@ -23,6 +23,8 @@ use super::{Doc, Select};
 /// 128, is an error there; staying well under it keeps that error `serde_json`'s).
 const MAX_DEPTH: u32 = 100;
 
+const SPACES: u64 = u64::from_le_bytes(*b"        ");
+
 /// Reads `text` as one JSON value building what `select` names, or `None` to say that
 /// `serde_json` must parse it (because it is invalid, or unusual; see the module doc).
 pub(super) fn read<'a>(text: &'a str, select: &Select) -> Option<Doc<'a>> {
@@ -46,8 +48,25 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn whitespace(&mut self) {
-        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
-            self.pos += 1;
+        while let Some(b) = self.peek() {
+            match b {
+                // Indentation: runs of spaces, eight at a time.
+                b' ' => {
+                    while let Some(word) = self.bytes.get(self.pos..self.pos + 8) {
+                        let other = u64::from_le_bytes(word.try_into().unwrap_or_default()) ^ SPACES;
+                        if other != 0 {
+                            self.pos += (other.trailing_zeros() / 8) as usize;
+                            break;
+                        }
+                        self.pos += 8;
+                    }
+                    while self.peek() == Some(b' ') {
+                        self.pos += 1;
+                    }
+                }
+                b'\n' | b'\t' | b'\r' => self.pos += 1,
+                _ => return,
+            }
         }
     }
 
@@ -68,50 +87,15 @@ impl<'a> Reader<'a> {
         (self.bytes.get(self.pos..end)? == word).then(|| self.pos = end)
     }
 
+    /// One value. Scalars are read inline, so a member's string goes straight into its
+    /// object rather than through a returned `Option<Doc>` (copying those was a tenth of the
+    /// reading time); containers have their own functions.
+    #[inline(always)]
     fn value(&mut self, select: &Select, depth: u32) -> Option<Doc<'a>> {
         self.whitespace();
         match self.peek()? {
-            b'{' => {
-                let depth = depth.checked_sub(1)?;
-                self.pos += 1;
-                let mut members = Vec::with_capacity(16);
-                if self.eat(b'}') {
-                    return Some(Doc::Object(members));
-                }
-                loop {
-                    if !self.eat(b'"') {
-                        return None;
-                    }
-                    let key = self.string()?;
-                    if !self.eat(b':') {
-                        return None;
-                    }
-                    match select.member(&key) {
-                        Some(select) => {
-                            let value = self.value(select, depth)?;
-                            members.push((key, value));
-                        }
-                        None => self.skip(depth)?,
-                    }
-                    if !self.eat(b',') {
-                        return self.eat(b'}').then_some(Doc::Object(members));
-                    }
-                }
-            }
-            b'[' => {
-                let depth = depth.checked_sub(1)?;
-                self.pos += 1;
-                let mut items = Vec::with_capacity(4);
-                if self.eat(b']') {
-                    return Some(Doc::Array(items));
-                }
-                loop {
-                    items.push(self.value(select, depth)?);
-                    if !self.eat(b',') {
-                        return self.eat(b']').then_some(Doc::Array(items));
-                    }
-                }
-            }
+            b'{' => self.object(select, depth),
+            b'[' => self.array(select, depth),
             b'"' => {
                 self.pos += 1;
                 self.string().map(Doc::String)
@@ -128,6 +112,51 @@ impl<'a> Reader<'a> {
                     serde_json::from_str::<Number>(text).ok()
                 }
                 .map(Doc::Number)
+            }
+        }
+    }
+
+    #[inline(never)]
+    fn object(&mut self, select: &Select, depth: u32) -> Option<Doc<'a>> {
+        let depth = depth.checked_sub(1)?;
+        self.pos += 1;
+        let mut members = Vec::with_capacity(16);
+        if self.eat(b'}') {
+            return Some(Doc::Object(members));
+        }
+        loop {
+            if !self.eat(b'"') {
+                return None;
+            }
+            let key = self.string()?;
+            if !self.eat(b':') {
+                return None;
+            }
+            match select.member(&key) {
+                Some(select) => {
+                    let value = self.value(select, depth)?;
+                    members.push((key, value));
+                }
+                None => self.skip(depth)?,
+            }
+            if !self.eat(b',') {
+                return self.eat(b'}').then_some(Doc::Object(members));
+            }
+        }
+    }
+
+    #[inline(never)]
+    fn array(&mut self, select: &Select, depth: u32) -> Option<Doc<'a>> {
+        let depth = depth.checked_sub(1)?;
+        self.pos += 1;
+        let mut items = Vec::with_capacity(4);
+        if self.eat(b']') {
+            return Some(Doc::Array(items));
+        }
+        loop {
+            items.push(self.value(select, depth)?);
+            if !self.eat(b',') {
+                return self.eat(b']').then_some(Doc::Array(items));
             }
         }
     }
@@ -246,6 +275,7 @@ impl<'a> Reader<'a> {
     }
 
     /// The rest of a string whose opening quote was taken: borrowed unless it has escapes.
+    #[inline(always)]
     fn string(&mut self) -> Option<Cow<'a, str>> {
         let start = self.pos;
         self.skip_plain();
@@ -253,6 +283,12 @@ impl<'a> Reader<'a> {
             self.pos += 1;
             return Some(Cow::Borrowed(&self.text[start..self.pos - 1]));
         }
+        self.escaped_string(start).map(Cow::Owned)
+    }
+
+    /// The rest of a string from `start` with escapes: its decoded text.
+    #[inline(never)]
+    fn escaped_string(&mut self, start: usize) -> Option<String> {
         let mut owned = String::with_capacity(self.pos - start + 16);
         let mut run = start;
         loop {
@@ -260,7 +296,7 @@ impl<'a> Reader<'a> {
             match self.peek()? {
                 b'"' => {
                     self.pos += 1;
-                    return Some(Cow::Owned(owned));
+                    return Some(owned);
                 }
                 b'\\' => {
                     self.pos += 1;
