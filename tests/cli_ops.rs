@@ -19,20 +19,8 @@ fn write_config(prefix: &str, body: &str) -> PathBuf {
     path
 }
 
-/// Runs the CLI; (success, stdout, stderr).
 fn cli(config: &PathBuf, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .env_remove("AGENTBRIDGE_CONFIG")
-        .output()
-        .expect("run agentbridge");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::run_cli(config, args)
 }
 
 fn dead_letter(

@@ -702,20 +702,7 @@ async fn cli_reports_read_the_ledger(db: Db) {
         common::redis_url(), h.redis_prefix, h.db.url
     );
     std::fs::write(&config, yaml).expect("write config");
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .env_remove("AGENTBRIDGE_CONFIG")
-            .output()
-            .expect("run agentbridge");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    };
+    let cli = |args: &[&str]| common::run_cli(&config, args);
     let month = now.format("%Y-%m").to_string();
     let (ok, csv, err) = cli(&["report", "chargeback", "--period", &month, "--by", "cost_center", "--format", "csv"]);
     assert!(ok, "{err}");

@@ -1,13 +1,15 @@
 //! Property tests: no input bytes make the normalizer panic, whatever the source, and the
 //! outcome is always the same for the same bytes. Three generators: raw bytes, arbitrary JSON
 //! built from the keys the adapters look for, and the published vendor payloads with one
-//! value anywhere replaced by anything.
+//! value anywhere replaced by anything. And the normalizer's JSON reader decides every
+//! document exactly as `serde_json` does: the same values, the same errors.
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use agentbridge_config::Config;
 use agentbridge_contracts::Envelope;
+use agentbridge_normalizer::doc::{serde_read, Doc, Select};
 use agentbridge_normalizer::{Outcome, Pipeline};
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
@@ -111,6 +113,7 @@ const KEYS: &[&str] = &[
 
 const STRINGS: &[&str] = &[
     "",
+    "every escape: \u{8}\u{c}\n\r\t\"\\/\u{1f} é\u{2028}",
     " ",
     "zen:event-type:ticket.created",
     "zen:event-type:",
@@ -198,17 +201,39 @@ fn replace(v: &mut Value, path: &[String], with: Value) {
     }
 }
 
+/// Reading `bytes` (the reader, with `serde_json` behind it) gives what `serde_json` alone
+/// gives: the same document under each selection, or the same error.
+fn reads_as_serde_json(bytes: &[u8]) -> Result<(), TestCaseError> {
+    for select in [Select::All, Select::none(), Select::paths(["id", "detail.id", "event.comment.body", "ticket"])] {
+        let ours = Doc::parse_selected(bytes, &select).map_err(|e| e.to_string());
+        let theirs = serde_read(bytes, &select).map_err(|e| e.to_string());
+        prop_assert_eq!(ours, theirs, "{}", String::from_utf8_lossy(bytes));
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512), source in prop::sample::select(&SOURCES[..])) {
         check(source, &bytes);
+        reads_as_serde_json(&bytes)?;
     }
 
     #[test]
     fn arbitrary_json_never_panics(doc in json_value(), source in prop::sample::select(&SOURCES[..])) {
         check(source, &serde_json::to_vec(&doc).expect("serializes"));
+    }
+
+    #[test]
+    fn the_reader_reads_as_serde_json(doc in json_value(), pretty in any::<bool>(), at in any::<prop::sample::Index>(), with in prop::sample::select(b"{}[]\",:\\ 0-.eEtfnu1x\n\t".to_vec()), cut in any::<bool>()) {
+        let mut bytes = if pretty { serde_json::to_vec_pretty(&doc) } else { serde_json::to_vec(&doc) }.expect("serializes");
+        reads_as_serde_json(&bytes)?;
+        // Broken at one place: a byte replaced, or the rest cut off.
+        let i = at.index(bytes.len());
+        if cut { bytes.truncate(i) } else { bytes[i] = with }
+        reads_as_serde_json(&bytes)?;
     }
 
     #[test]
@@ -221,9 +246,11 @@ proptest! {
         replace(&mut doc, &path, with);
         let bytes = serde_json::to_vec(&doc).expect("serializes");
         check(source, &bytes);
+        reads_as_serde_json(&bytes)?;
         // Truncated anywhere, too.
         let n = cut.index(bytes.len() + 1);
         check(source, &bytes[..n]);
+        reads_as_serde_json(&bytes[..n])?;
     }
 }
 
@@ -231,6 +258,7 @@ proptest! {
 fn deeply_nested_input_is_rejected_not_a_stack_overflow() {
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     check("zendesk", deep.as_bytes());
+    reads_as_serde_json(deep.as_bytes()).expect("read as serde_json reads it");
     let deep_obj = format!("{}1{}", "{\"detail\":".repeat(5_000), "}".repeat(5_000));
     check("zendesk", deep_obj.as_bytes());
 }

@@ -114,9 +114,15 @@ pub fn cli_on(backend: Backend, prefix: &str, args: &[&str]) -> (bool, String, S
     let config = dir.join("agentbridge.yaml");
     let store = format!("store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{prefix}:'\n", redis_url());
     std::fs::write(&config, format!("{}{store}", transport_yaml(backend, prefix))).expect("write config");
+    run_cli(&config, args)
+}
+
+/// Runs the `agentbridge` CLI with `config` (and not the environment's); (success, stdout,
+/// stderr).
+pub fn run_cli(config: &std::path::Path, args: &[&str]) -> (bool, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentbridge"))
         .arg("--config")
-        .arg(&config)
+        .arg(config)
         .args(args)
         .env_remove("AGENTBRIDGE_CONFIG")
         .output()
