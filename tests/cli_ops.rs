@@ -19,10 +19,6 @@ fn write_config(prefix: &str, body: &str) -> PathBuf {
     path
 }
 
-fn cli(config: &PathBuf, args: &[&str]) -> (bool, String, String) {
-    common::run_cli(config, args)
-}
-
 fn dead_letter(
     topics: &Topics,
     stage: Stage,
@@ -68,14 +64,14 @@ async fn dlq_list_show_replay(backend: Backend) {
 
     // list: all three, twice (browsing removes nothing).
     for _ in 0..2 {
-        let (ok, out, err) = cli(&config, &["dlq", "list"]);
+        let (ok, out, err) = common::run_cli(&config, &["dlq", "list"]);
         assert!(ok, "{err}");
         for dl in [&a, &b, &c] {
             assert!(out.contains(&dl.id), "{} missing from\n{out}", dl.id);
         }
         assert!(out.contains("3 matching"), "{out}");
     }
-    let (ok, out, err) = cli(&config, &["dlq", "list", "--stage", "trigger", "--format", "json"]);
+    let (ok, out, err) = common::run_cli(&config, &["dlq", "list", "--stage", "trigger", "--format", "json"]);
     assert!(ok, "{err}");
     let listed: Vec<DeadLetter> =
         out.lines().map(|l| DeadLetter::from_slice(l.as_bytes()).expect("json record")).collect();
@@ -87,21 +83,21 @@ async fn dlq_list_show_replay(backend: Backend) {
     assert_eq!(listed.iter().find(|d| d.id == b.id).expect("b").original, b.original, "original bytes survive");
 
     // show: the whole record, the original decoded.
-    let (ok, out, err) = cli(&config, &["dlq", "show", &a.id]);
+    let (ok, out, err) = common::run_cli(&config, &["dlq", "show", &a.id]);
     assert!(ok, "{err}");
     let shown: serde_json::Value = serde_json::from_str(&out).expect("show prints JSON");
     assert_eq!(shown["reason"], "schema_invalid");
     assert_eq!(shown["original"]["ticket"]["id"], 1);
 
     // replay needs a selection; a dry run changes nothing.
-    let (ok, _, err) = cli(&config, &["dlq", "replay"]);
+    let (ok, _, err) = common::run_cli(&config, &["dlq", "replay"]);
     assert!(!ok && err.contains("needs a selection"), "{err}");
-    let (ok, out, err) = cli(&config, &["dlq", "replay", "--reason", "attempts_exhausted", "--dry-run"]);
+    let (ok, out, err) = common::run_cli(&config, &["dlq", "replay", "--reason", "attempts_exhausted", "--dry-run"]);
     assert!(ok, "{err}");
     assert!(out.contains("1 would be replayed"), "{out}");
 
     // replay one reason: its original bytes, key and trace context go back to `normalized`.
-    let (ok, out, err) = cli(&config, &["dlq", "replay", "--reason", "attempts_exhausted"]);
+    let (ok, out, err) = common::run_cli(&config, &["dlq", "replay", "--reason", "attempts_exhausted"]);
     assert!(ok, "{err}");
     assert!(out.contains(&format!("replayed {}", b.id)), "{out}");
     let d = tokio::time::timeout(Duration::from_secs(30), observer.next())
@@ -122,7 +118,7 @@ async fn dlq_list_show_replay(backend: Backend) {
     );
 
     // The replayed record is gone from the dead-letter queue; the others stay.
-    let (ok, out, err) = cli(&config, &["dlq", "list"]);
+    let (ok, out, err) = common::run_cli(&config, &["dlq", "list"]);
     assert!(ok, "{err}");
     assert!(!out.contains(&b.id), "replayed record still listed:\n{out}");
     assert!(out.contains(&a.id) && out.contains(&c.id), "{out}");
@@ -154,34 +150,34 @@ async fn agents_pause_resume_status_on_redis() {
     store_config.redis.key_prefix = prefix.clone();
     let store = agentbridge_store::connect(&store_config).await.expect("store");
 
-    let (ok, out, err) = cli(&config, &["agents", "pause", "triage", "--reason", "incident 42"]);
+    let (ok, out, err) = common::run_cli(&config, &["agents", "pause", "triage", "--reason", "incident 42"]);
     assert!(ok, "{err}");
     assert!(out.contains("paused by operator"), "{out}");
     // The flag the trigger-worker checks, with an operator value metering will not replace.
     let flag = store.get_flag("paused:triage").await.expect("get").expect("flag set");
     assert!(flag.starts_with("operator:") && flag.ends_with("|-|incident 42"), "{flag}");
 
-    let (ok, out, err) = cli(&config, &["agents", "status"]);
+    let (ok, out, err) = common::run_cli(&config, &["agents", "status"]);
     assert!(ok, "{err}");
     let line = |name: &str| out.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_string();
     assert!(line("triage").contains("paused by operator") && line("triage").contains("incident 42"), "{out}");
     assert!(line("invoices").contains("running"), "{out}");
 
-    let (ok, out, err) = cli(&config, &["agents", "resume", "triage"]);
+    let (ok, out, err) = common::run_cli(&config, &["agents", "resume", "triage"]);
     assert!(ok, "{err}");
     assert!(out.contains("resumed"), "{out}");
     assert_eq!(store.get_flag("paused:triage").await.expect("get"), None);
-    let (ok, out, _) = cli(&config, &["agents", "resume", "triage"]);
+    let (ok, out, _) = common::run_cli(&config, &["agents", "resume", "triage"]);
     assert!(ok && out.contains("was not paused"), "{out}");
 
     // A timed pause expires by itself.
-    let (ok, _, err) = cli(&config, &["agents", "pause", "invoices", "--for", "1s"]);
+    let (ok, _, err) = common::run_cli(&config, &["agents", "pause", "invoices", "--for", "1s"]);
     assert!(ok, "{err}");
     assert!(store.get_flag("paused:invoices").await.expect("get").is_some());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(store.get_flag("paused:invoices").await.expect("get"), None);
 
-    let (ok, _, err) = cli(&config, &["agents", "pause", "nobody"]);
+    let (ok, _, err) = common::run_cli(&config, &["agents", "pause", "nobody"]);
     assert!(!ok && err.contains("no agent `nobody`"), "{err}");
 }
 
