@@ -630,6 +630,24 @@ async fn reruns(backend: Backend) {
     let metrics = h.running.as_ref().map(|r| r.metrics.clone()).expect("running");
     assert_eq!(metrics.reruns_count("support-triage", "scheduled"), 3);
     assert_eq!(metrics.reruns_count("support-triage", "exhausted"), 1);
+
+    // An operator replays both dead letters: each failed run's business event runs again, as
+    // its next re-run (C's first, B's third: the operator is not bound by `max_reruns`), rather
+    // than its failed completion being judged again.
+    let (ok, stdout, stderr) = common::cli_on(backend, &prefix, &["dlq", "replay", "--stage", "validate"]);
+    assert!(ok && stdout.contains("2 replayed, 0 left"), "{stdout}{stderr}");
+    assert!(stdout.contains(&format!("run {c0} failed; its event is re-run 1")), "{stdout}");
+    assert!(stdout.contains(&format!("run {b2} failed; its event is re-run 3")), "{stdout}");
+    let c1 = triggered_run(&h, &kc, 1, patience).await;
+    let b3 = triggered_run(&h, &kb, 3, patience).await;
+    let accepted = sim.stats().first_accepted_at_ms;
+    assert!(accepted.contains_key(&format!("{kc}.rerun-1")) && accepted.contains_key(&format!("{kb}.rerun-3")));
+    complete(&h, &kc, &c1, "evt_c1", &Outcome::Completed(triage_output())).await;
+    eventually(patience, "C's re-run validated", || h.on(&results).len() == 2).await;
+    let r = Envelope::from_slice(&h.on(&results)[1]).expect("result");
+    assert_eq!((r.data["run_id"].as_str(), r.data["idempotency_key"].as_str()), (Some(c1.as_str()), Some(kc.as_str())));
+    assert_ne!(b3, b2);
+    assert_eq!(h.on(&dlq).len(), 2, "nothing dead-lettered again");
     cancel.cancel();
     h.stop().await;
     tokio::time::timeout(Duration::from_secs(30), trigger_worker)

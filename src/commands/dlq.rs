@@ -16,6 +16,12 @@
 //!   position cannot step over a record, they are re-appended to their dead-letter topic (same
 //!   record id) before the position moves past them, so nothing is lost and the replayed
 //!   records are not read again.
+//! - Two kinds of dead letter replay as a new run, because replaying their original would
+//!   change nothing: a timed-out run (`dlq.trigger`, `callback_timeout`) reopens its dedup
+//!   claim first, and a failed run (`dlq.validate`: `run_failed`, `run_failed_transient`,
+//!   `tool_unavailable`, `attempts_exhausted`) re-publishes the normalized event kept in its run
+//!   state to `normalized` as the next re-run (`<event id>.rerun-<n>`); once the run state has
+//!   expired it is left in the queue, with the reason printed.
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
@@ -23,8 +29,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentbridge_callback_dispatcher::worker::reason::{
+    ATTEMPTS_EXHAUSTED, RUN_FAILED, RUN_FAILED_TRANSIENT, TOOL_UNAVAILABLE,
+};
 use agentbridge_config::{parse_duration, Config, TransportKind};
-use agentbridge_contracts::{trigger_claim_key, DeadLetter, Stage, Topics};
+use agentbridge_contracts::{trigger_claim_key, Completion, DeadLetter, Envelope, Stage, Topics};
 use agentbridge_store::{Reopen, Store};
 use agentbridge_transport::{
     Delivery, Message, Subscription, Transport, DLQ_GROUP, HEADER_ATTEMPT, HEADER_REDELIVERIES, HEADER_REPLAY_OF,
@@ -217,6 +226,65 @@ async fn reopen_timed_out(store: &dyn Store, dl: &DeadLetter, ttl: Duration) -> 
     Ok(())
 }
 
+/// Dead letters of runs that failed (`dlq.validate`). Their original is the failed run's
+/// completion: replaying it would only judge the same failure again, so their replay re-runs
+/// the business event instead ([`failed_run_rerun`]).
+const FAILED_RUN_REASONS: [&str; 4] = [RUN_FAILED, RUN_FAILED_TRANSIENT, TOOL_UNAVAILABLE, ATTEMPTS_EXHAUSTED];
+
+/// The replay of a failed run: the normalized event it was triggered from (kept in the run
+/// state) as the next re-run of its business event, to publish to `normalized`, after reopening
+/// the trigger-worker's claim as the callback-dispatcher does for its bounded re-runs (an
+/// operator's re-runs are not bounded). `None` when it cannot be re-run (said why): the run
+/// state expired (kept for `trigger_worker.dedup_ttl`), or a later run holds the claim.
+async fn failed_run_rerun(
+    store: &dyn Store,
+    topics: &Topics,
+    dl: &DeadLetter,
+    ttl: Duration,
+) -> anyhow::Result<Option<(String, Message)>> {
+    let run_id = Envelope::from_slice(&dl.original)
+        .ok()
+        .and_then(|e| serde_json::from_value::<Completion>(e.data).ok())
+        .map(|c| c.id)
+        .with_context(|| format!("{}: the dead letter's original is not a run completion", dl.id))?;
+    let state = store.get_run(&run_id).await.with_context(|| format!("read the run state of {run_id}"))?;
+    let Some(state) = state.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()) else {
+        eprintln!(
+            "{}: the state of run {run_id}, with the event to re-run, has expired; left in the dead-letter queue (re-send the event from its source)",
+            dl.id
+        );
+        return Ok(None);
+    };
+    let event = state["event"].as_str().and_then(|e| Envelope::from_slice(e.as_bytes()).ok());
+    let (Some(event), Some(key)) = (event, state["idempotency_key"].as_str()) else {
+        eprintln!("{}: the state of run {run_id} holds no event to re-run; left in the dead-letter queue", dl.id);
+        return Ok(None);
+    };
+    let outcome = store
+        .reopen(&trigger_claim_key(key), &run_id, u32::MAX, ttl)
+        .await
+        .with_context(|| format!("reopen the dedup claim of {} for a re-run", dl.id))?;
+    let rerun = match outcome {
+        Reopen::Reopened { rerun } | Reopen::AlreadyReopened { rerun } => rerun,
+        Reopen::InProgress => {
+            eprintln!("{}: the event is being triggered again already; left in the dead-letter queue", dl.id);
+            return Ok(None);
+        }
+        Reopen::NotCommitted => {
+            eprintln!(
+                "{}: the dedup claim no longer records run {run_id} (a later run, or it expired); left in the dead-letter queue",
+                dl.id
+            );
+            return Ok(None);
+        }
+        Reopen::Exhausted { reruns } => bail!("{}: {reruns} re-runs already: the re-run record is full", dl.id),
+    };
+    println!("{}: run {run_id} failed; its event is re-run {rerun}", dl.id);
+    let mut message = Message::new(Some(key.to_string()), event.into_rerun(rerun).to_vec());
+    message.headers.insert(HEADER_REPLAY_OF.into(), dl.id.clone());
+    Ok(Some((topics.normalized(), message)))
+}
+
 /// The original message a replay publishes: the original key, the original headers minus the
 /// transport's attempt bookkeeping (a replay starts afresh), plus where it came from.
 pub fn replay_message(dl: &DeadLetter) -> Message {
@@ -318,31 +386,47 @@ pub async fn run(config: Option<&Path>, command: DlqCommand) -> anyhow::Result<E
                 println!("\ndry run: {} would be replayed; nothing changed", records.len());
                 return Ok(ExitCode::SUCCESS);
             }
-            let mut replayed = 0usize;
+            let (mut replayed, mut left) = (0usize, 0usize);
             let mut store: Option<Arc<dyn Store>> = None;
             for (dl, delivery) in pass.matched {
                 if dl.origin.topic.is_empty() {
                     eprintln!("{}: no original topic recorded; left in the dead-letter queue", dl.id);
+                    left += 1;
                     continue;
                 }
-                if dl.stage == Stage::Trigger && dl.reason == CALLBACK_TIMEOUT {
-                    if store.is_none() {
-                        store = Some(agentbridge_store::connect(&config.store).await.context("connect the store")?);
-                    }
-                    let store = store.as_deref().unwrap_or_else(|| unreachable!("connected above"));
-                    reopen_timed_out(store, &dl, config.trigger_worker.dedup_ttl).await?;
+                let timed_out = dl.stage == Stage::Trigger && dl.reason == CALLBACK_TIMEOUT;
+                let failed_run = dl.stage == Stage::Validate && FAILED_RUN_REASONS.contains(&dl.reason.as_str());
+                if (timed_out || failed_run) && store.is_none() {
+                    store = Some(agentbridge_store::connect(&config.store).await.context("connect the store")?);
                 }
-                transport
-                    .publish(&dl.origin.topic, replay_message(&dl))
-                    .await
-                    .with_context(|| format!("replay {} to {}", dl.id, dl.origin.topic))?;
+                let (topic, message) = match store.as_deref() {
+                    Some(store) if timed_out => {
+                        reopen_timed_out(store, &dl, config.trigger_worker.dedup_ttl).await?;
+                        (dl.origin.topic.clone(), replay_message(&dl))
+                    }
+                    Some(store) if failed_run => {
+                        match failed_run_rerun(store, &topics, &dl, config.trigger_worker.dedup_ttl).await? {
+                            Some(rerun) => rerun,
+                            None => {
+                                // To the back of its queue, so the next record is read next time.
+                                if let Some(d) = delivery {
+                                    reappend(transport.as_ref(), d).await?;
+                                }
+                                left += 1;
+                                continue;
+                            }
+                        }
+                    }
+                    _ => (dl.origin.topic.clone(), replay_message(&dl)),
+                };
+                transport.publish(&topic, message).await.with_context(|| format!("replay {} to {topic}", dl.id))?;
                 if let Some(d) = delivery {
                     d.ack().await.with_context(|| format!("acknowledge dead letter {}", dl.id))?;
                 }
-                println!("replayed {} ({} {}) → {}", dl.id, dl.stage.as_str(), dl.reason, dl.origin.topic);
+                println!("replayed {} ({} {}) → {topic}", dl.id, dl.stage.as_str(), dl.reason);
                 replayed += 1;
             }
-            println!("\n{replayed} replayed, {} left in the dead-letter queue", pass.skipped + pass.unreadable);
+            println!("\n{replayed} replayed, {} left in the dead-letter queue", pass.skipped + pass.unreadable + left);
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -785,14 +785,7 @@ impl Worker {
             Some(reason::RERUN_SCHEDULED),
             Some(format!("{detail}; re-run {rerun} of {max} sent to the trigger-worker")),
         );
-        let base_id = match event.rerun {
-            Some(n) if n > 0 => event.id.strip_suffix(&format!(".rerun-{n}")).unwrap_or(&event.id).to_string(),
-            _ => event.id.clone(),
-        };
-        let mut again = event;
-        again.id = format!("{base_id}.rerun-{rerun}");
-        again.rerun = Some(rerun);
-        let message = Message::new(Some(ctx.idempotency_key.clone()), again.to_vec());
+        let message = Message::new(Some(ctx.idempotency_key.clone()), event.into_rerun(rerun).to_vec());
         if let Err(err) = self.transport.publish(&self.topics.normalized(), message).await {
             // The claim stays reopened; the redelivered completion gets the same re-run number.
             self.infra_retry(delivery, "publish the re-run", &err.to_string()).await;

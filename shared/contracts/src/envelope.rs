@@ -259,6 +259,21 @@ impl Envelope {
         })
     }
 
+    /// This normalized event as re-run `n` of its business event: id `<first run's id>.rerun-<n>`
+    /// and `rerun: n`, so the trigger-worker asks the platform for a fresh run under the same
+    /// dedup key. Used for the callback-dispatcher's bounded re-runs and an operator's replay of
+    /// a failed run alike.
+    pub fn into_rerun(mut self, n: u32) -> Envelope {
+        if let Some(k) = self.rerun.filter(|&k| k > 0) {
+            if let Some(base) = self.id.strip_suffix(&format!(".rerun-{k}")) {
+                self.id = base.to_string();
+            }
+        }
+        self.id = format!("{}.rerun-{n}", self.id);
+        self.rerun = Some(n);
+        self
+    }
+
     /// Deterministic structured-mode JSON: the bytes `serde_json::to_vec(&envelope)` gives
     /// (the derived `Serialize` is the reference, and a property test holds the two together),
     /// written directly because every produced event goes through here (see [`crate::json`]).
@@ -442,6 +457,15 @@ mod tests {
         assert!(text.starts_with(r#"{"specversion":"1.0","id":"e1""#), "{text}");
         assert!(text.contains(r#""data":{"a":2,"b":1}"#), "data keys are sorted: {text}");
         assert!(text.contains(r#""writebacktarget":"zendesk""#));
+    }
+
+    #[test]
+    fn a_rerun_is_numbered_from_the_first_runs_id() {
+        let e = Envelope::new("key-1", "agentbridge/normalizer", "zendesk.ticket.created", json!({}));
+        let first = e.into_rerun(1);
+        assert_eq!((first.id.as_str(), first.rerun), ("key-1.rerun-1", Some(1)));
+        let second = first.into_rerun(2);
+        assert_eq!((second.id.as_str(), second.rerun), ("key-1.rerun-2", Some(2)));
     }
 
     #[test]
