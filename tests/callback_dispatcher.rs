@@ -667,6 +667,37 @@ async fn transient_failures_are_rerun_within_the_bound_on_kafka_and_redis() {
     reruns(Backend::Kafka).await;
 }
 
+/// A failed run whose run state is gone (expired with the dedup claim) cannot be re-run: its
+/// replay leaves the dead letter in the queue (in place on RabbitMQ, re-appended on Kafka) and
+/// says why, and a later `dlq list` still shows it.
+async fn failed_run_without_state_stays_dead_lettered(backend: Backend) {
+    let h = Harness::start(backend).await;
+    let body = callback("run_gone", "workspace.agent.run.failed", "failed", Value::Null);
+    assert_eq!(h.post(&sw(SECRET, "msg_gone", now(), &body), "application/json", body).await, 200);
+    let dlq = h.topics.dlq("validate");
+    eventually(Duration::from_secs(60), "the failed run dead-lettered", || !h.on(&dlq).is_empty()).await;
+    let dl = DeadLetter::from_slice(&h.on(&dlq)[0]).expect("dead letter");
+    assert_eq!(dl.reason, "run_failed_transient");
+
+    let prefix = h.topics.prefix().to_string();
+    let (ok, stdout, stderr) = common::cli_on(backend, &prefix, &["dlq", "replay", "--stage", "validate"]);
+    assert!(ok && stdout.contains("0 replayed, 1 left"), "{stdout}{stderr}");
+    assert!(stderr.contains("the state of run run_gone, with the event to re-run, has expired"), "{stderr}");
+    let (ok, stdout, stderr) = common::cli_on(backend, &prefix, &["dlq", "list", "--stage", "validate"]);
+    assert!(ok && stdout.contains(&dl.id[..8]) && stdout.contains("run_failed_transient"), "{stdout}{stderr}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn failed_run_without_state_stays_dead_lettered_on_rabbitmq_and_redis() {
+    failed_run_without_state_stays_dead_lettered(Backend::Rabbitmq).await;
+}
+
+#[tokio::test]
+async fn failed_run_without_state_stays_dead_lettered_on_kafka_and_redis() {
+    failed_run_without_state_stays_dead_lettered(Backend::Kafka).await;
+}
+
 /// With re-runs off, or without run state to re-run from, a transient failure is dead-lettered
 /// at once, as before, and the detail says why it was not re-run.
 #[tokio::test]

@@ -188,6 +188,17 @@ async fn read(
     Ok(Pass { matched, unreadable, skipped, _browsed: browsed, _sub: sub })
 }
 
+/// Leaves a selected record in its dead-letter queue. RabbitMQ puts it back in place when the
+/// CLI disconnects without acknowledging it; on Kafka, where an unacknowledged record would
+/// hold the group's position (and the records replayed after it would be read again), it is
+/// re-appended like a record the filter skipped.
+async fn leave(transport: &dyn Transport, kafka: bool, delivery: Option<Delivery>) -> anyhow::Result<()> {
+    match delivery {
+        Some(d) if kafka => reappend(transport, d).await,
+        _ => Ok(()),
+    }
+}
+
 /// Moves a record to the back of its dead-letter topic: publish (confirmed), then ack.
 async fn reappend(transport: &dyn Transport, d: Delivery) -> anyhow::Result<()> {
     let topic = d.topic().to_string();
@@ -391,6 +402,7 @@ pub async fn run(config: Option<&Path>, command: DlqCommand) -> anyhow::Result<E
             for (dl, delivery) in pass.matched {
                 if dl.origin.topic.is_empty() {
                     eprintln!("{}: no original topic recorded; left in the dead-letter queue", dl.id);
+                    leave(transport.as_ref(), kafka, delivery).await?;
                     left += 1;
                     continue;
                 }
@@ -408,10 +420,7 @@ pub async fn run(config: Option<&Path>, command: DlqCommand) -> anyhow::Result<E
                         match failed_run_rerun(store, &topics, &dl, config.trigger_worker.dedup_ttl).await? {
                             Some(rerun) => rerun,
                             None => {
-                                // To the back of its queue, so the next record is read next time.
-                                if let Some(d) = delivery {
-                                    reappend(transport.as_ref(), d).await?;
-                                }
+                                leave(transport.as_ref(), kafka, delivery).await?;
                                 left += 1;
                                 continue;
                             }
