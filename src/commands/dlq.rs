@@ -246,7 +246,8 @@ const FAILED_RUN_REASONS: [&str; 4] = [RUN_FAILED, RUN_FAILED_TRANSIENT, TOOL_UN
 /// state) as the next re-run of its business event, to publish to `normalized`, after reopening
 /// the trigger-worker's claim as the callback-dispatcher does for its bounded re-runs (an
 /// operator's re-runs are not bounded). `None` when it cannot be re-run (said why): the run
-/// state expired (kept for `trigger_worker.dedup_ttl`), or a later run holds the claim.
+/// state expired (kept for `trigger_worker.dedup_ttl`), a later run holds the claim, or the
+/// original is not a completion.
 async fn failed_run_rerun(
     store: &dyn Store,
     topics: &Topics,
@@ -256,8 +257,12 @@ async fn failed_run_rerun(
     let run_id = Envelope::from_slice(&dl.original)
         .ok()
         .and_then(|e| serde_json::from_value::<Completion>(e.data).ok())
-        .map(|c| c.id)
-        .with_context(|| format!("{}: the dead letter's original is not a run completion", dl.id))?;
+        .map(|c| c.id);
+    let Some(run_id) = run_id else {
+        // One unreadable record must not stop the replay of the others.
+        eprintln!("{}: the original is not a run completion; left in the dead-letter queue", dl.id);
+        return Ok(None);
+    };
     let state = store.get_run(&run_id).await.with_context(|| format!("read the run state of {run_id}"))?;
     let Some(state) = state.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok()) else {
         eprintln!(
