@@ -30,6 +30,21 @@ fn main() {
     let mut config = Config::from_layers(&text, Vec::<(String, String)>::new()).expect("valid config");
     config.schemas_dir = root.join("schemas");
     let pipeline = Pipeline::from_config(&config).expect("pipeline");
+    // `BENCH_NORMALIZE_PROFILE=<sample word>`: only the pipeline on that sample, for the whole
+    // budget, so a profiler (`perf record`) sees the normalizer alone, not the baseline too.
+    if let Ok(word) = std::env::var("BENCH_NORMALIZE_PROFILE") {
+        let (source, file) = match word.as_str() {
+            "coupa" => ("coupa", "coupa-invoice-get-single.json"),
+            "comment" => ("zendesk", "zendesk-ticket-comment-added-event-webhook.json"),
+            _ => ("zendesk", "zendesk-ticket-created-event-webhook.json"),
+        };
+        let raw = std::fs::read(root.join("tests/fixtures").join(file)).expect("fixture");
+        let n = common::rate(budget, || {
+            black_box(pipeline.normalize(black_box(source), black_box(&raw), None));
+        });
+        println!("{source} {file}: {n:.0} ev/s (pipeline alone)");
+        return;
+    }
 
     let samples = [
         ("zendesk ticket.created", "zendesk", "zendesk-ticket-created-event-webhook.json"),

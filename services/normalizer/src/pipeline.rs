@@ -363,6 +363,7 @@ mod selection_tests {
     use serde_json::json;
 
     use super::*;
+    use crate::doc::Members;
 
     fn pipelines() -> (Pipeline, Pipeline) {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -473,17 +474,17 @@ mod selection_tests {
     #[test]
     fn selections_follow_the_paths_read() {
         let s = Select::paths(["a.b", "a.c.d", "e", "f.0.g", "a.b.x"]);
-        let expected = Select::Only(vec![
+        let expected = Select::Only(Members::from_iter([
             (
                 "a".into(),
-                Select::Only(vec![
+                Select::Only(Members::from_iter([
                     ("b".into(), Select::All),
-                    ("c".into(), Select::Only(vec![("d".into(), Select::All)])),
-                ]),
+                    ("c".into(), Select::Only(Members::from_iter([("d".into(), Select::All)]))),
+                ])),
             ),
             ("e".into(), Select::All),
             ("f".into(), Select::All),
-        ]);
+        ]));
         assert_eq!(s, expected);
         let raw = br#"{"a": {"b": [1, {"z": 2}], "c": [{"d": 3, "q": 4}], "y": 5}, "e": {"k": [6]}, "f": [{"h": 7}], "w": "\u00e9"}"#;
         let doc = Doc::parse_selected(raw, &s).expect("parses");

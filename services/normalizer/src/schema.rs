@@ -92,11 +92,14 @@ impl Plan {
     pub fn apply_owned(&self, value: Value) -> Value {
         match (self, value) {
             (Plan::Object { properties, extra }, Value::Object(mut m)) => {
-                // One pass: drop what is undeclared, minimize the rest. The object and the
-                // declared names are both in key order, so the names are walked alongside the
-                // keys rather than looked up once per key.
+                // One pass minimizes what is kept and notes what is undeclared, which is then
+                // removed by key: an event carries few undeclared fields, and a B-tree's
+                // `retain` costs more per kept key than those removals (3 % of a Coupa
+                // invoice). The object and the declared names are both in key order, so the
+                // names are walked alongside the keys rather than looked up once per key.
+                let mut undeclared = Vec::new();
                 let mut declared = properties.iter().peekable();
-                m.retain(|k, v| {
+                for (k, v) in m.iter_mut() {
                     let mut plan = extra.as_deref();
                     while let Some((name, p)) = declared.peek() {
                         match key_order(name, k) {
@@ -109,14 +112,14 @@ impl Plan {
                         }
                     }
                     match plan {
-                        None => false,
-                        Some(Plan::Keep) => true,
-                        Some(p) => {
-                            *v = p.apply_owned(std::mem::take(v));
-                            true
-                        }
+                        None => undeclared.push(k.clone()),
+                        Some(Plan::Keep) => {}
+                        Some(p) => *v = p.apply_owned(std::mem::take(v)),
                     }
-                });
+                }
+                for k in &undeclared {
+                    m.remove(k);
+                }
                 Value::Object(m)
             }
             (Plan::Array(p), Value::Array(items)) => {

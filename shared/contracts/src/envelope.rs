@@ -289,7 +289,7 @@ impl Envelope {
         }
         if let Some(time) = &self.time {
             member(&mut out, "time");
-            json::write_serde(&mut out, time);
+            json::write_time(&mut out, time);
         }
         for (name, value) in
             [("subject", &self.subject), ("datacontenttype", &self.datacontenttype), ("dataschema", &self.dataschema)]

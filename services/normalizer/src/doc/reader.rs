@@ -24,8 +24,6 @@ use super::{Doc, Select};
 /// 128, is an error there; staying well under it keeps that error `serde_json`'s).
 const MAX_DEPTH: u32 = 100;
 
-const SPACES: u64 = u64::from_le_bytes(*b"        ");
-
 /// Reads `text` as one JSON value building what `select` names, or `None` to say that
 /// `serde_json` must parse it (because it is invalid, or unusual; see the module doc).
 pub(super) fn read<'a>(text: &'a str, select: &Select) -> Option<Doc<'a>> {
@@ -49,25 +47,12 @@ impl<'a> Reader<'a> {
 
     #[inline]
     fn whitespace(&mut self) {
-        while let Some(b) = self.peek() {
-            match b {
-                // Indentation: runs of spaces, eight at a time.
-                b' ' => {
-                    while let Some(word) = self.bytes.get(self.pos..self.pos + 8) {
-                        let other = u64::from_le_bytes(word.try_into().unwrap_or_default()) ^ SPACES;
-                        if other != 0 {
-                            self.pos += (other.trailing_zeros() / 8) as usize;
-                            break;
-                        }
-                        self.pos += 8;
-                    }
-                    while self.peek() == Some(b' ') {
-                        self.pos += 1;
-                    }
-                }
-                b'\n' | b'\t' | b'\r' => self.pos += 1,
-                _ => return,
-            }
+        // A byte loop, not a word-wise scan: runs here are short (one space, or a newline and
+        // indentation), and a loop's exit the CPU predicts beats a mask whose computation
+        // every following load has to wait for (measured: the word-wise scan read Coupa
+        // invoices 15 % slower).
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.pos += 1;
         }
     }
 
@@ -121,7 +106,11 @@ impl<'a> Reader<'a> {
     fn object(&mut self, select: &Select, depth: u32) -> Option<Doc<'a>> {
         let depth = depth.checked_sub(1)?;
         self.pos += 1;
-        let mut members = Vec::with_capacity(16);
+        // As many members as are read, so a selected object never grows its vector.
+        let mut members = Vec::with_capacity(match select {
+            Select::All => 16,
+            Select::Only(read) => read.len(),
+        });
         if self.eat(b'}') {
             return Some(Doc::Object(members));
         }
