@@ -75,7 +75,7 @@ async fn follow(
                 "runs" => {
                     if let Ok(ev) = serde_json::from_value::<RunEvent>(e.data.clone()) {
                         let extra = ev.reason.or(ev.run_id.map(|r| format!("run {r}"))).unwrap_or_default();
-                        t.steps.push(format!("{at}  {} {extra}", ev.stage.as_str()));
+                        t.steps.push(format!("{at}  {} {extra}", ev.stage.as_str()).trim_end().to_string());
                         if matches!(ev.stage, RunStage::WrittenBack | RunStage::DeadLettered | RunStage::Review) {
                             t.done = true;
                         }
