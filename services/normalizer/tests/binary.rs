@@ -61,7 +61,8 @@ fn configuration_errors_exit_1_naming_the_problem() {
 }
 
 /// The default configuration is the embedded one (in-memory bus and store): the binary starts
-/// without any server, and SIGTERM stops it with exit 0.
+/// without any server, warns that nothing outside the process can reach it, and SIGTERM stops
+/// it with exit 0.
 #[cfg(unix)]
 #[test]
 fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
@@ -91,4 +92,6 @@ fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
     child.stderr.take().expect("stderr").read_to_string(&mut logs).expect("read logs");
     assert!(status.success(), "exit status {status}: {logs}");
     assert!(logs.contains("shutdown signal received"), "{logs}");
+    // A service on its own on the in-process bus and store is told so at start-up.
+    assert!(logs.contains("WARN") && logs.contains("transport.kind and store.kind are `memory`"), "{logs}");
 }

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use agentbridge_config::Config;
+use agentbridge_config::{Config, StoreKind, TransportKind};
 use tokio_util::sync::CancellationToken;
 
 use crate::{shutdown, telemetry};
@@ -98,6 +98,9 @@ where
         }
     };
     telemetry::init(&config.telemetry);
+    if let Some(warning) = embedded_warning(&config) {
+        tracing::warn!(service = name, "{warning}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -116,6 +119,37 @@ where
             }
         }
     })
+}
+
+/// The built-in defaults are the embedded ones (in-process bus and store), which is right for
+/// `agentbridge dev` and tests but not for a service binary on its own: its topics reach no
+/// other process, so an operator who forgot `transport.kind` would see a healthy service whose
+/// events go nowhere. It still starts (a single binary on the defaults is a valid smoke test);
+/// it says so at start-up, once, as a warning.
+pub fn embedded_warning(config: &Config) -> Option<String> {
+    let bus = config.transport.kind == TransportKind::Memory;
+    let store = config.store.kind == StoreKind::Memory;
+    let what = match (bus, store) {
+        (false, false) => return None,
+        (true, true) => "transport.kind and store.kind are `memory`",
+        (true, false) => "transport.kind is `memory`",
+        (false, true) => "store.kind is `memory`",
+    };
+    let mut text = format!("{what} (the embedded default): ");
+    if bus {
+        text.push_str(
+            "the topics of this process reach no other service, and what is published stays in \
+             memory until the process exits; ",
+        );
+    }
+    if store {
+        text.push_str(
+            "claims, rate limits, flags and run state are not shared with other replicas or \
+             services and are lost on exit; ",
+        );
+    }
+    text.push_str("set transport.kind to kafka or rabbitmq and store.kind to redis to deploy");
+    Some(text)
 }
 
 #[cfg(test)]
@@ -142,5 +176,21 @@ mod tests {
         assert_eq!(parse(&["--config="]), Err("--config=: empty file name".into()));
         assert_eq!(parse(&["serve"]), Err("unexpected argument \"serve\"".into()));
         assert_eq!(parse(&["-c", "a.yaml", "-c", "b.yaml"]), Err("--config given twice".into()));
+    }
+
+    #[test]
+    fn warns_about_the_embedded_bus_and_store_only() {
+        let mut config = Config::default();
+        let both = embedded_warning(&config).expect("the defaults are embedded");
+        assert!(both.starts_with("transport.kind and store.kind are `memory`"), "{both}");
+        assert!(both.contains("reach no other service") && both.contains("not shared with other replicas"), "{both}");
+        config.transport.kind = TransportKind::Kafka;
+        let store = embedded_warning(&config).expect("the store is embedded");
+        assert!(store.starts_with("store.kind is `memory`") && !store.contains("reach no other service"), "{store}");
+        config.store.kind = StoreKind::Redis;
+        assert_eq!(embedded_warning(&config), None);
+        config.transport.kind = TransportKind::Memory;
+        let bus = embedded_warning(&config).expect("the bus is embedded");
+        assert!(bus.starts_with("transport.kind is `memory`") && !bus.contains("replicas"), "{bus}");
     }
 }
