@@ -169,7 +169,19 @@ impl Worker {
     /// the events in flight and returns.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) -> Result<(), TransportError> {
         let sub = self.transport.subscribe(&self.config.group, &[self.topics.normalized()]).await?;
-        info!(group = %self.config.group, max_in_flight = self.config.max_in_flight, "trigger-worker consuming");
+        let mut triggered: Vec<&str> = self.agents.keys().map(String::as_str).collect();
+        triggered.sort_unstable();
+        info!(
+            group = %self.config.group,
+            max_in_flight = self.config.max_in_flight,
+            agents = %triggered.join(","),
+            "trigger-worker consuming"
+        );
+        if triggered.is_empty() {
+            // Every event would be dead-lettered as `agent_unconfigured`: not an error (they
+            // can be replayed once an agent is configured), but surely not what was meant.
+            warn!("no agent has agents.<alias>.run.base_url: every event will be dead-lettered as agent_unconfigured");
+        }
         let me = self.clone();
         agentbridge_transport::consume_bounded(
             sub,
