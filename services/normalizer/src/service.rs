@@ -188,6 +188,11 @@ impl Normalizer {
             pollers = pollers.len(),
             "normalizer started"
         );
+        if self.pipeline.sources().next().is_none() {
+            tracing::warn!("no sources configured: /ingest/<source> refuses every event (404) and nothing is polled");
+        } else if self.pipeline.router().routes().is_empty() {
+            tracing::warn!("no routes configured: every event is acknowledged as unrouted and reaches no agent");
+        }
 
         let ctx = Arc::new(Ctx {
             pipeline: self.pipeline.clone(),

@@ -94,4 +94,6 @@ fn runs_on_the_embedded_default_and_stops_cleanly_on_sigterm() {
     assert!(logs.contains("shutdown signal received"), "{logs}");
     // A service on its own on the in-process bus and store is told so at start-up.
     assert!(logs.contains("WARN") && logs.contains("transport.kind and store.kind are `memory`"), "{logs}");
+    // So is a normalizer without sources, which would refuse every push.
+    assert!(logs.contains("no sources configured"), "{logs}");
 }
