@@ -222,7 +222,20 @@ impl Metering {
             .context("declare the dlq group")?;
         let mut sub =
             self.transport.subscribe(&self.config.group, &topics).await.context("subscribe to usage and runs")?;
-        tracing::info!(group = %self.config.group, ledger = self.ledger.backend(), "metering consuming");
+        tracing::info!(
+            group = %self.config.group,
+            ledger = self.ledger.backend(),
+            price_entries = self.config.prices.len(),
+            budgets = self.config.budgets.len(),
+            "metering consuming"
+        );
+        if self.config.prices.is_empty() {
+            // Each run would also be alerted on as it comes; said once here, where the cause is.
+            tracing::warn!(
+                "no prices configured (metering.prices): every run is recorded at 0 credits and flagged \
+                 price_missing, so no budget can trip"
+            );
+        }
         let mut failures = 0u32;
         loop {
             let first = tokio::select! {
