@@ -85,11 +85,16 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ConfigCommand {
-    /// Validates a configuration file (plus AGENTBRIDGE__ overrides): prints "ok" or every
-    /// problem with its key; exit 1 when invalid.
+    /// Validates a configuration file (plus AGENTBRIDGE__ overrides) and runs each service's
+    /// start-up checks that need no server (input and output schemas, routes, backends,
+    /// callback secrets, write-back targets): prints "ok" or every problem; exit 1 when invalid.
     Check {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
+        /// Only these services' start-up checks (repeatable; default: all four, as one file
+        /// usually configures them all).
+        #[arg(long = "service", value_parser = clap::builder::PossibleValuesParser::new(commands::config::SERVICES))]
+        services: Vec<String>,
     },
 }
 
@@ -97,7 +102,9 @@ enum ConfigCommand {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Config(ConfigCommand::Check { file }) => commands::config::check(file.or(cli.config).as_deref()),
+        Command::Config(ConfigCommand::Check { file, services }) => {
+            commands::config::check(file.or(cli.config).as_deref(), &services)
+        }
         Command::SelfCheck => commands::selfcheck::run(cli.config.as_deref()).await,
         Command::Dev { samples } => commands::dev::run(cli.config.as_deref(), &samples).await,
         Command::Publish { topic, key, file } => {

@@ -181,6 +181,25 @@ async fn agents_pause_resume_status_on_redis() {
     assert!(!ok && err.contains("no agent `nobody`"), "{err}");
 }
 
+/// `config check` runs the services' start-up checks too: what would stop a service when it
+/// starts (a missing input schema, no callback secret) is reported here, per service, and
+/// `--service` limits the check to the services a file is meant for.
+#[test]
+fn config_check_reports_what_would_stop_a_service_at_start_up() {
+    let schemas = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas");
+    let config = write_config("check.", &format!("schemas_dir: {}\nagents:\n  ghost: {{}}\n", schemas.display()));
+    let (ok, out, err) = common::run_cli(&config, &["config", "check"]);
+    assert!(!ok, "{out}{err}");
+    assert!(out.contains("normalizer: ") && out.contains("agents.ghost.input_schema"), "{out}");
+    assert!(out.contains("callback-dispatcher: dispatcher.secrets: at least one callback secret is required"), "{out}");
+    assert!(!out.contains("trigger-worker:") && !out.contains("ok"), "{out}");
+    let (ok, out, err) =
+        common::run_cli(&config, &["config", "check", "--service", "trigger-worker", "--service", "metering"]);
+    assert!(ok && out.trim() == "ok", "{out}{err}");
+    let (ok, _, err) = common::run_cli(&config, &["config", "check", "--service", "nope"]);
+    assert!(!ok && err.contains("invalid value 'nope'"), "{err}");
+}
+
 /// Every configuration shipped in deploy/ passes `agentbridge config check`, and the compose
 /// file runs binaries this workspace builds.
 #[test]

@@ -1,6 +1,7 @@
 //! Wiring: one HTTP server (callback endpoint + `/metrics`, `/healthz`, `/readyz`) and the
 //! validation worker, sharing one transport and one store, stopped by one cancellation token.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -12,12 +13,12 @@ use agentbridge_transport::{Transport, TransportError};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::gate::{self, GateError};
+use crate::gate::{self, AgentGate, GateError};
 use crate::metrics::Metrics;
 use crate::server::{self, CallbackState};
 use crate::signature::Verifier;
 use crate::worker::Worker;
-use crate::writeback;
+use crate::writeback::{self, Writeback};
 
 /// Why the service could not start (or stopped).
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,32 @@ impl Running {
     }
 }
 
+/// What the dispatcher builds from its configuration alone.
+struct Prepared {
+    verifier: Verifier,
+    gates: BTreeMap<String, AgentGate>,
+    writebacks: BTreeMap<String, Arc<dyn Writeback>>,
+}
+
+fn prepare(config: &Config) -> Result<Prepared, StartError> {
+    let d = &config.dispatcher;
+    if d.secrets.is_empty() {
+        return Err(StartError::Config("dispatcher.secrets: at least one callback secret is required".into()));
+    }
+    let verifier = Verifier::new(&d.secrets, d.tolerance).map_err(StartError::Config)?;
+    let gates = gate::load_all(&config.schemas_dir, &d.rules, &d.risk)?;
+    let writebacks = writeback::build_all(&d.writeback_targets, &d.allowed_hosts, d.writeback_timeout)
+        .map_err(StartError::Config)?;
+    Ok(Prepared { verifier, gates, writebacks })
+}
+
+/// Checks what the dispatcher builds from its configuration alone — callback secrets, output
+/// schemas, rules and risk rules, write-back targets — without connecting to anything: the
+/// first step of starting, and what `agentbridge config check` runs.
+pub fn check(config: &Config) -> Result<(), StartError> {
+    prepare(config).map(drop)
+}
+
 /// Starts the endpoint and the worker on `transport` and `store`.
 pub async fn start(
     config: &Config,
@@ -62,14 +89,8 @@ pub async fn start(
     cancel: CancellationToken,
 ) -> Result<Running, StartError> {
     let d = &config.dispatcher;
-    if d.secrets.is_empty() {
-        return Err(StartError::Config("dispatcher.secrets: at least one callback secret is required".into()));
-    }
-    let verifier = Verifier::new(&d.secrets, d.tolerance).map_err(StartError::Config)?;
-    let gates = gate::load_all(&config.schemas_dir, &d.rules, &d.risk)?;
+    let Prepared { verifier, gates, writebacks } = prepare(config)?;
     let metrics = Metrics::new()?;
-    let writebacks = writeback::build_all(&d.writeback_targets, &d.allowed_hosts, d.writeback_timeout)
-        .map_err(StartError::Config)?;
     let worker = Arc::new(Worker::new(config, transport.clone(), store.clone(), gates, writebacks, metrics.clone()));
     worker.prepare().await?;
     let subscription = worker.subscribe().await?;
@@ -94,6 +115,9 @@ pub async fn start(
 /// Connects the configured transport and store, runs until `cancel` fires and the completions
 /// in flight are settled.
 pub async fn run_until_stopped(config: Config, cancel: CancellationToken) -> Result<(), StartError> {
+    // A configuration problem is reported before anything connects (and does not wait for a
+    // broker that may be down).
+    check(&config)?;
     let transport = agentbridge_transport::connect(&config.transport).await?;
     let store = agentbridge_store::connect(&config.store).await?;
     let running = start(&config, transport, store, cancel.clone()).await?;

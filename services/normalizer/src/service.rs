@@ -110,6 +110,13 @@ struct Ctx {
 impl Normalizer {
     /// Compiles the pipeline (schemas, routes, mappings) and registers the metrics. Fails on
     /// any configuration error, naming the key.
+    /// Checks what the normalizer builds from its configuration alone (sources, mappings,
+    /// agents' input schemas, routes) without connecting to anything: the binary's first step,
+    /// and what `agentbridge config check` runs.
+    pub fn check(config: &Config) -> Result<(), ServiceError> {
+        Pipeline::from_config(config).map(drop).map_err(ServiceError::from)
+    }
+
     pub fn build(config: Config, transport: Arc<dyn Transport>, store: Arc<dyn Store>) -> Result<Self, ServiceError> {
         let pipeline = Arc::new(Pipeline::from_config(&config)?);
         let registry = Registry::new();

@@ -17,9 +17,18 @@ use crate::worker::Worker;
 
 /// Runs the service until `cancel` fires and the in-flight events are settled.
 pub async fn run_until_stopped(config: Config, cancel: CancellationToken) -> Result<(), StartError> {
+    // A configuration problem is reported before anything connects.
+    check(&config)?;
     let transport = agentbridge_transport::connect(&config.transport).await?;
     let store = agentbridge_store::connect(&config.store).await?;
     run_with(config, transport, store, cancel).await
+}
+
+/// Checks what the trigger-worker builds from its configuration alone (each agent's backend:
+/// base URL, credentials, client settings) without connecting to anything: the first step of
+/// starting, and what `agentbridge config check` runs.
+pub fn check(config: &Config) -> Result<(), StartError> {
+    build_backends(config).map(drop)
 }
 
 /// Runs the service on a transport and store the caller connected; the all-in-one `dev` mode
