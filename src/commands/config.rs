@@ -32,6 +32,12 @@ pub fn check(file: Option<&Path>, services: &[String]) -> anyhow::Result<ExitCod
             println!("{service}: {problem}");
             ok = false;
         }
+        // What the service would start with but warn about: printed, not failed.
+        if service == "trigger-worker" {
+            for warning in agentbridge_trigger_worker::service::warnings(&config) {
+                println!("warning: {service}: {warning}");
+            }
+        }
     }
     if ok {
         println!("ok");

@@ -31,6 +31,30 @@ pub fn check(config: &Config) -> Result<(), StartError> {
     build_backends(config).map(drop)
 }
 
+/// Configurations the trigger-worker runs with but that are most likely mistakes: logged at
+/// start-up and printed by `agentbridge config check`, failing neither (a route may lead to an
+/// agent still being set up; its dead letters can be replayed once it is).
+pub fn warnings(config: &Config) -> Vec<String> {
+    let triggered = |alias: &str| config.agents.get(alias).is_some_and(|a| a.run.base_url.is_some());
+    if !config.agents.keys().any(|a| triggered(a)) {
+        return vec![
+            "no agent has agents.<alias>.run.base_url: every event will be dead-lettered as agent_unconfigured".into(),
+        ];
+    }
+    let mut named = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let agent = route.agent.as_str();
+        if !triggered(agent) && named.insert(agent) {
+            out.push(format!(
+                "routes[{i}] leads to agent `{agent}`, which has no agents.{agent}.run.base_url: its events \
+                 will be dead-lettered as agent_unconfigured"
+            ));
+        }
+    }
+    out
+}
+
 /// Runs the service on a transport and store the caller connected; the all-in-one `dev` mode
 /// passes the in-process bus and store it shares with the other services.
 pub async fn run_with(
@@ -39,6 +63,9 @@ pub async fn run_with(
     store: Arc<dyn agentbridge_store::Store>,
     cancel: CancellationToken,
 ) -> Result<(), StartError> {
+    for warning in warnings(&config) {
+        tracing::warn!("{warning}");
+    }
     let metrics = Metrics::new()?;
     let worker = Arc::new(Worker::new(&config, transport.clone(), store.clone(), metrics.clone())?);
     worker.prepare().await?;
@@ -66,4 +93,28 @@ pub async fn run_with(
     }
     result?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        Config::from_layers(yaml, Vec::<(String, String)>::new()).expect("valid config")
+    }
+
+    #[test]
+    fn warns_about_routes_to_agents_it_cannot_run() {
+        let none = config("agents:\n  a: {}\n");
+        assert_eq!(warnings(&none).len(), 1);
+        assert!(warnings(&none)[0].starts_with("no agent has agents.<alias>.run.base_url"));
+        let routes = "routes:\n  - {source: s, event_types: [x.y], agent: a, business_process: p}\n  - {source: s, event_types: [x.z], agent: b, business_process: p}\n  - {source: s, event_types: [x.w], agent: b, business_process: p}\n";
+        let one = config(&format!(
+            "sources:\n  s: {{kind: zendesk}}\n{routes}agents:\n  a: {{run: {{base_url: http://127.0.0.1:1}}}}\n  b: {{}}\n"
+        ));
+        assert_eq!(
+            warnings(&one),
+            vec!["routes[1] leads to agent `b`, which has no agents.b.run.base_url: its events will be dead-lettered as agent_unconfigured"]
+        );
+    }
 }

@@ -177,11 +177,6 @@ impl Worker {
             agents = %triggered.join(","),
             "trigger-worker consuming"
         );
-        if triggered.is_empty() {
-            // Every event would be dead-lettered as `agent_unconfigured`: not an error (they
-            // can be replayed once an agent is configured), but surely not what was meant.
-            warn!("no agent has agents.<alias>.run.base_url: every event will be dead-lettered as agent_unconfigured");
-        }
         let me = self.clone();
         agentbridge_transport::consume_bounded(
             sub,
