@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """Offline checks of the Helm chart: `helm lint --strict`, values.schema.json (a good and a
 bad values file), rendering with several value sets, and every rendered manifest validated
-against the Kubernetes schemas. The alerting rules are parsed as PromQL and every metric,
+against the Kubernetes schemas; the rendered agentbridge configuration passes
+`agentbridge config check`. The alerting rules are parsed as PromQL and every metric,
 label and label value they name is checked against the services' code. Exits non-zero if any
 check failed. Run by `make test` (through scripts/helm-check.sh, which installs the PyPI
 packages it needs into .venv)."""
 import copy
 import glob
 import json
+import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import helm_python
 import kubernetes_validate
@@ -19,6 +23,44 @@ import yaml
 CHART = "helm/agentbridge"
 KUBE = "1.30.0"
 failures = []
+
+
+# Stand-ins for the `{env: NAME}` secrets of the chart's default configuration (a deployment
+# takes them from `secretEnvFrom`); the shape matters where the configuration checks it.
+ENV_STAND_INS = {"AGENTBRIDGE_REDIS_URL": "redis://127.0.0.1:6379",
+                 "AGENTBRIDGE_LEDGER_URL": "postgres://agentbridge@127.0.0.1/agentbridge"}
+
+
+def env_refs(node, out):
+    """The NAMEs of every `{env: NAME}` in a parsed configuration."""
+    if isinstance(node, dict):
+        if set(node) == {"env"} and isinstance(node["env"], str):
+            out.add(node["env"])
+        for v in node.values():
+            env_refs(v, out)
+    elif isinstance(node, list):
+        for v in node:
+            env_refs(v, out)
+    return out
+
+
+def check_config(variant, doc):
+    """The rendered agentbridge configuration passes `agentbridge config check`: the file's own
+    validation and every service's start-up checks, as the pods would run them."""
+    text = doc["data"]["agentbridge.yaml"]
+    env = dict(os.environ)
+    env.pop("AGENTBRIDGE_CONFIG", None)
+    for name in env_refs(yaml.safe_load(text), set()):
+        env[name] = ENV_STAND_INS.get(name, "stand-in-secret")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        f.write(text)
+    try:
+        out = subprocess.run(["cargo", "run", "-q", "--bin", "agentbridge", "--", "config", "check", f.name],
+                             env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        os.unlink(f.name)
+    check(out.returncode == 0, f"{variant}: the rendered configuration passes `agentbridge config check`"
+          + ("" if out.returncode == 0 else f": {out.stdout}{out.stderr}"))
 
 
 def check(cond, what):
@@ -263,6 +305,14 @@ check(any("event_total is registered" in f for f in caught) and any("callback_ti
       and any("has the label source" in f for f in caught) and any("$labels.agent" in f for f in caught),
       f"the rule checks catch a misspelt metric, an unknown label value and label, a dropped label ({len(caught)} caught)")
 
+before = len(failures)
+print("(the next check must fail: it is run on a configuration without callback secrets)")
+check_config("broken-config", {"data": {"agentbridge.yaml": "transport: {kind: kafka}\n"}})
+caught = failures[before:]
+del failures[before:]
+check(any("callback-dispatcher: dispatcher.secrets" in f for f in caught),
+      "the configuration check catches a configuration a service would refuse to start with")
+
 for name, overrides in variants.items():
     values = chart.merge_values(overrides) if hasattr(chart, "merge_values") else overrides
     chart.validate_schema(values)
@@ -279,6 +329,8 @@ for name, overrides in variants.items():
             # A CRD as well; its rules are checked against the services' metrics.
             check_rules(name, doc, metrics, services, overrides)
             continue
+        if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].endswith("-config"):
+            check_config(name, doc)
         if doc["kind"] == "ConfigMap" and doc["metadata"]["name"].endswith("-dashboard"):
             check(doc["metadata"]["labels"].get("grafana_dashboard") == "1", f"{name}: dashboard labelled for the sidecar")
             check_dashboard(name, doc, metrics)
