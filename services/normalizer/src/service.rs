@@ -108,8 +108,6 @@ struct Ctx {
 }
 
 impl Normalizer {
-    /// Compiles the pipeline (schemas, routes, mappings) and registers the metrics. Fails on
-    /// any configuration error, naming the key.
     /// Checks what the normalizer builds from its configuration alone (sources, mappings,
     /// agents' input schemas, routes) without connecting to anything: the binary's first step,
     /// and what `agentbridge config check` runs.
@@ -117,6 +115,8 @@ impl Normalizer {
         Pipeline::from_config(config).map(drop).map_err(ServiceError::from)
     }
 
+    /// Compiles the pipeline (schemas, routes, mappings) and registers the metrics. Fails on
+    /// any configuration error, naming the key.
     pub fn build(config: Config, transport: Arc<dyn Transport>, store: Arc<dyn Store>) -> Result<Self, ServiceError> {
         let pipeline = Arc::new(Pipeline::from_config(&config)?);
         let registry = Registry::new();
