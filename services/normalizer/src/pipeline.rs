@@ -9,14 +9,15 @@
 use std::collections::BTreeMap;
 
 use agentbridge_config::{AgentParameters, Config, SourceKind};
-use agentbridge_contracts::{idempotency_key, Envelope, TraceParent};
+use agentbridge_contracts::envelope::{DATA_CONTENT_TYPE, SPEC_VERSION};
+use agentbridge_contracts::{idempotency_key, json, Attributes, Envelope, TraceParent};
 use serde_json::{Map, Value};
 
 use crate::adapters::{Adapter, SourceEvent};
 use crate::doc::{Doc, Select};
 use crate::error::{BuildError, Reason, Rejection};
 use crate::mapping::CompiledMapping;
-use crate::routing::{Route, Router};
+use crate::routing::Router;
 use crate::schema::AgentSchema;
 
 /// The CloudEvent extension naming where the result is written back.
@@ -30,9 +31,19 @@ pub struct Normalized {
     pub event_id: String,
     pub event_type: String,
     pub agent: String,
-    pub envelope: Envelope,
-    /// The envelope's deterministic JSON: what is published.
+    /// The event's W3C trace context (also its `traceparent` attribute), for the message header.
+    pub traceparent: String,
+    /// The CloudEvent's deterministic JSON: what is published.
     pub bytes: Vec<u8>,
+}
+
+impl Normalized {
+    /// The CloudEvent, read back from its bytes (for tools and tests; publishing needs only
+    /// the bytes).
+    pub fn envelope(&self) -> Envelope {
+        // The pipeline writes a strict CloudEvent (the golden tests hold it to that).
+        Envelope::from_slice(&self.bytes).unwrap_or_else(|e| panic!("the normalizer wrote an invalid CloudEvent: {e}"))
+    }
 }
 
 /// An event no route takes: acknowledged and counted, not dead-lettered.
@@ -199,36 +210,84 @@ impl Pipeline {
             .prepare(Value::Object(fields))
             .map_err(|detail| Rejection::new(Reason::SchemaInvalid, format!("agent {}: {detail}", route.agent)))?;
 
-        let mut source_block = source_ids;
-        for (k, v) in [
+        // The event is written straight from these borrowed parts (see `Attributes`); its
+        // data is `{"input": .., "source": ..}`, as a `Value` would write it.
+        let ty = join(source, '.', &event_type);
+        let subject = join(&entity_type, '/', &entity_id);
+        let traceparent = derive_traceparent(&key, traceparent);
+        let attributes = Attributes {
+            specversion: SPEC_VERSION,
+            id: &key,
+            source: &rt.ce_source,
+            ty: &ty,
+            time: time.as_ref(),
+            subject: Some(&subject),
+            datacontenttype: Some(DATA_CONTENT_TYPE),
+            dataschema: agent.schema.id.as_deref(),
+            idempotencykey: Some(&key),
+            agent: Some(&route.agent),
+            agentversion: route.agent_version.as_deref(),
+            businessprocess: Some(&route.business_process),
+            costcenter: route.cost_center.as_deref(),
+            department: route.department.as_deref(),
+            environment: Some(&route.environment),
+            sourceeventid: Some(&event_id),
+            traceparent: Some(&traceparent),
+            attempt: Some(1),
+            rerun: None,
+        };
+        let ids = [
+            ("entity_id", entity_id.as_str()),
+            ("entity_type", entity_type.as_str()),
+            ("event_id", event_id.as_str()),
+            ("event_type", event_type.as_str()),
             ("system", source),
-            ("entity_type", &entity_type),
-            ("entity_id", &entity_id),
-            ("event_type", &event_type),
-            ("event_id", &event_id),
-        ] {
-            source_block.insert(k.into(), Value::String(v.to_string()));
-        }
-        let mut data = Map::new();
-        data.insert("input".into(), input);
-        data.insert("source".into(), Value::Object(source_block));
-
-        let mut envelope =
-            Envelope::new(key.clone(), rt.ce_source.clone(), join(source, '.', &event_type), Value::Object(data));
-        envelope.time = time;
-        envelope.subject = Some(join(&entity_type, '/', &entity_id));
-        envelope.dataschema = agent.schema.id.clone();
-        stamp(&mut envelope, route, &key, &event_id, traceparent);
-        let bytes = envelope.to_vec();
+        ];
+        let data = |out: &mut Vec<u8>| {
+            out.extend_from_slice(b"{\"input\":");
+            json::write_value(out, &input);
+            out.extend_from_slice(b",\"source\":");
+            write_source_block(out, &source_ids, &ids);
+            out.push(b'}');
+        };
+        let bytes = attributes.write(Some(data), [(EXT_WRITEBACK, &route.writeback_value)]);
         Ok(Outcome::Normalized(Box::new(Normalized {
             key,
             event_id,
             event_type,
             agent: route.agent.clone(),
-            envelope,
+            traceparent,
             bytes,
         })))
     }
+}
+
+/// The data's `source` object: the adapter's source ids and the event's identity (which wins
+/// over a source id of the same name), merged in key order as one `serde_json` map holds
+/// them. `ids` is in key order.
+fn write_source_block(out: &mut Vec<u8>, source_ids: &Map<String, Value>, ids: &[(&str, &str)]) {
+    let mut first = true;
+    let mut member = |out: &mut Vec<u8>, key: &str| {
+        out.push(if std::mem::take(&mut first) { b'{' } else { b',' });
+        json::write_str(out, key);
+        out.push(b':');
+    };
+    let mut rest = source_ids.iter().peekable();
+    for &(name, value) in ids {
+        while let Some((k, v)) = rest.next_if(|(k, _)| k.as_str() <= name) {
+            if k != name {
+                member(out, k);
+                json::write_value(out, v);
+            }
+        }
+        member(out, name);
+        json::write_str(out, value);
+    }
+    for (k, v) in rest {
+        member(out, k);
+        json::write_value(out, v);
+    }
+    out.push(b'}');
 }
 
 /// `a<sep>b` without the formatting machinery (on every event).
@@ -261,20 +320,6 @@ fn number(x: f64) -> Value {
     } else {
         serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number)
     }
-}
-
-fn stamp(e: &mut Envelope, route: &Route, key: &str, event_id: &str, traceparent: Option<&str>) {
-    e.idempotencykey = Some(key.to_string());
-    e.agent = Some(route.agent.clone());
-    e.agentversion = route.agent_version.clone();
-    e.businessprocess = Some(route.business_process.clone());
-    e.costcenter = route.cost_center.clone();
-    e.department = route.department.clone();
-    e.environment = Some(route.environment.clone());
-    e.sourceeventid = Some(event_id.to_string());
-    e.traceparent = Some(derive_traceparent(key, traceparent));
-    e.attempt = Some(1);
-    e.extensions.insert(EXT_WRITEBACK.into(), Value::String(route.writeback.clone()));
 }
 
 /// The normalizer's span in the event's trace. The span id comes from the idempotency key

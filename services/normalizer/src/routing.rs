@@ -50,6 +50,8 @@ pub struct Route {
     pub cost_center: Option<String>,
     pub environment: String,
     pub writeback: String,
+    /// `writeback` as the JSON string of the CloudEvent extension attribute.
+    pub writeback_value: Value,
     types: Vec<TypePattern>,
     when: Vec<Condition>,
 }
@@ -75,21 +77,25 @@ impl Router {
             .routes
             .iter()
             .enumerate()
-            .map(|(index, r): (usize, &RouteConfig)| Route {
-                index,
-                source: r.source.clone(),
-                agent: r.agent.clone(),
-                agent_version: r
-                    .agent_version
-                    .clone()
-                    .or_else(|| config.agents.get(&r.agent).and_then(|a| a.version.clone())),
-                business_process: r.business_process.clone(),
-                department: r.department.clone(),
-                cost_center: r.cost_center.clone(),
-                environment: r.environment.clone().unwrap_or_else(|| config.normalizer.environment.clone()),
-                writeback: r.writeback.clone().unwrap_or_else(|| r.source.clone()),
-                types: r.event_types.iter().map(|t| TypePattern::parse(t)).collect(),
-                when: r.when.clone(),
+            .map(|(index, r): (usize, &RouteConfig)| {
+                let writeback = r.writeback.clone().unwrap_or_else(|| r.source.clone());
+                Route {
+                    index,
+                    source: r.source.clone(),
+                    agent: r.agent.clone(),
+                    agent_version: r
+                        .agent_version
+                        .clone()
+                        .or_else(|| config.agents.get(&r.agent).and_then(|a| a.version.clone())),
+                    business_process: r.business_process.clone(),
+                    department: r.department.clone(),
+                    cost_center: r.cost_center.clone(),
+                    environment: r.environment.clone().unwrap_or_else(|| config.normalizer.environment.clone()),
+                    writeback_value: Value::String(writeback.clone()),
+                    writeback,
+                    types: r.event_types.iter().map(|t| TypePattern::parse(t)).collect(),
+                    when: r.when.clone(),
+                }
             })
             .collect();
         Self { routes }

@@ -375,9 +375,7 @@ async fn process(ctx: &Ctx, delivery: Delivery) {
         Outcome::Normalized(n) => {
             let topic = ctx.topics.normalized();
             let mut message = Message::new(Some(n.key.clone()), n.bytes).with_header("content-type", CONTENT_TYPE);
-            if let Some(tp) = &n.envelope.traceparent {
-                message = message.with_header(TRACEPARENT, tp.clone());
-            }
+            message = message.with_header(TRACEPARENT, n.traceparent);
             if publish(ctx, &source, &topic, message).await {
                 ctx.metrics.normalized(&source, &n.event_type, &n.key, &n.agent);
                 settle(ctx, delivery.ack().await, &source);

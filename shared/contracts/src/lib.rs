@@ -22,7 +22,7 @@ pub mod trace;
 
 pub use completion::{completion_event, Completion, CompletionUsage, RUN_COMPLETED, RUN_FAILED};
 pub use dead_letter::{DeadLetter, Origin, Stage};
-pub use envelope::{Envelope, EnvelopeError};
+pub use envelope::{Attributes, Envelope, EnvelopeError};
 pub use events::{run_event_id, trigger_claim_key, RunEvent, RunStage, UsageRecord, RUN_EVENT_TYPE, USAGE_EVENT_TYPE};
 pub use topics::Topics;
 pub use trace::TraceParent;
