@@ -98,26 +98,33 @@ pub fn extract(doc: &Doc) -> Result<SourceEvent, Rejection> {
         items.push(Value::Object(item));
     }
 
+    // The fallible reads in the order their errors take precedence; then the fields in key
+    // order, which is the map's, so building it sorts nothing.
+    let invoice_date = time_at(doc, "invoice-date")?;
+    let tax_amount = decimal(doc, "tax-amount")?.and_then(Decimal::to_json);
+    let amount = amount(doc, &lines)?.and_then(Decimal::to_json);
+    let invoice_number = text_at(doc, "invoice-number");
+    let vendor_id = text_at(doc, "supplier.id");
     let mut f = Fields::new();
-    put(&mut f, "invoice_id", Some(Value::String(id.clone())));
-    put(&mut f, "invoice_number", text_at(doc, "invoice-number"));
-    put(&mut f, "invoice_date", time_at(doc, "invoice-date")?);
-    put(&mut f, "status", text_at(doc, "status"));
-    put(&mut f, "vendor_id", text_at(doc, "supplier.id"));
-    put(&mut f, "vendor_name", text_at(doc, "supplier.name"));
-    put(&mut f, "currency", text_at(doc, "currency.code"));
-    put(&mut f, "tax_amount", decimal(doc, "tax-amount")?.and_then(Decimal::to_json));
-    put(&mut f, "amount", amount(doc, &lines)?.and_then(Decimal::to_json));
-    put(&mut f, "purchase_order_id", purchase_order);
-    put(&mut f, "payment_terms", text_at(doc, "payment-term.code"));
-    put(&mut f, "line_items", Some(Value::Array(items)));
+    put(&mut f, "amount", amount);
     // Not in the invoice-review schema, but useful for routes and for mapping `policy_region`.
     put(&mut f, "chart_of_accounts", text_at(doc, "account-type.name"));
+    put(&mut f, "currency", text_at(doc, "currency.code"));
+    put(&mut f, "invoice_date", invoice_date);
+    put(&mut f, "invoice_id", Some(Value::String(id.clone())));
+    put(&mut f, "invoice_number", invoice_number.clone());
+    put(&mut f, "line_items", Some(Value::Array(items)));
+    put(&mut f, "payment_terms", text_at(doc, "payment-term.code"));
+    put(&mut f, "purchase_order_id", purchase_order);
+    put(&mut f, "status", text_at(doc, "status"));
     put(&mut f, "supplier_country", text_at(doc, "supplier.primary-address.country.code"));
+    put(&mut f, "tax_amount", tax_amount);
+    put(&mut f, "vendor_id", vendor_id.clone());
+    put(&mut f, "vendor_name", text_at(doc, "supplier.name"));
 
     let mut ids = Fields::new();
-    put(&mut ids, "invoice_number", text_at(doc, "invoice-number"));
-    put(&mut ids, "supplier_id", text_at(doc, "supplier.id"));
+    put(&mut ids, "invoice_number", invoice_number);
+    put(&mut ids, "supplier_id", vendor_id);
     Ok(SourceEvent {
         event_id: format!("{id}:{updated_raw}"),
         event_type: "invoice.received".into(),
@@ -160,17 +167,23 @@ fn line_item(i: usize, line: &Doc) -> Result<Map<String, Value>, Rejection> {
     let at = |r: Result<Option<Value>, Rejection>| {
         r.map_err(|e| Rejection::invalid(format!("invoice-lines[{i}]: {}", e.detail)))
     };
+    // As in `extract`: errors in reading order, fields in key order.
+    let line_num = at(integer(line, "line-num"))?;
+    let quantity = at(number(line, "quantity"))?;
+    let price = at(number(line, "price"))?;
+    let total = at(number(line, "total"))?;
+    let purchase_order_line = at(integer(line, "order-line-num"))?;
     let mut m = Fields::new();
-    put(&mut m, "line_num", at(integer(line, "line-num"))?);
-    put(&mut m, "description", text_at(line, "description"));
-    put(&mut m, "quantity", at(number(line, "quantity"))?);
-    put(&mut m, "price", at(number(line, "price"))?);
-    put(&mut m, "total", at(number(line, "total"))?);
-    put(&mut m, "uom", text_at(line, "uom.code"));
-    put(&mut m, "purchase_order_id", text_at(line, "order-header-num"));
-    put(&mut m, "purchase_order_line", at(integer(line, "order-line-num"))?);
     put(&mut m, "account_code", text_at(line, "account.code"));
     put(&mut m, "commodity", text_at(line, "commodity.name").or_else(|| text_at(line, "item.commodity.name")));
+    put(&mut m, "description", text_at(line, "description"));
+    put(&mut m, "line_num", line_num);
+    put(&mut m, "price", price);
+    put(&mut m, "purchase_order_id", text_at(line, "order-header-num"));
+    put(&mut m, "purchase_order_line", purchase_order_line);
+    put(&mut m, "quantity", quantity);
+    put(&mut m, "total", total);
+    put(&mut m, "uom", text_at(line, "uom.code"));
     Ok(m.into_map())
 }
 
@@ -197,11 +210,8 @@ fn amount(doc: &Doc, lines: &[&Doc]) -> Result<Option<Decimal>, Rejection> {
             }
         }
     }
-    let mut charges = vec!["shipping-amount", "handling-amount", "misc-amount"];
-    if !line_level {
-        charges.push("tax-amount");
-    }
-    for c in charges {
+    let charges = ["shipping-amount", "handling-amount", "misc-amount", "tax-amount"];
+    for c in &charges[..if line_level { 3 } else { 4 }] {
         if let Some(v) = decimal(doc, c)? {
             sum = sum.checked_add(v).ok_or_else(overflow)?;
         }

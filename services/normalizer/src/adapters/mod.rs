@@ -87,7 +87,10 @@ impl Fields {
         // `collect` sorts again, but an already sorted vector costs it one comparison per key
         // instead of a `memcmp` call for most pairs; stable, so the later of two equal keys
         // still wins.
-        self.0.sort_by(|a, b| crate::schema::key_order(&a.0, &b.0));
+        // Adapters mostly put fields in key order already: checking costs less than sorting.
+        if !self.0.is_sorted_by(|a, b| crate::schema::key_order(&a.0, &b.0).is_le()) {
+            self.0.sort_by(|a, b| crate::schema::key_order(&a.0, &b.0));
+        }
         self.0.into_iter().collect()
     }
 }

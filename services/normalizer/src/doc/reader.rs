@@ -90,14 +90,15 @@ impl<'a> Reader<'a> {
             b'f' => self.literal(b"false").map(|()| Doc::Bool(false)),
             b'n' => self.literal(b"null").map(|()| Doc::Null),
             _ => {
-                let (text, plain) = self.number()?;
-                if plain {
-                    integer(text)
-                } else {
-                    // `serde_json`'s own float parsing (and its `-0`), on the number's text alone.
-                    serde_json::from_str::<Number>(text).ok()
-                }
-                .map(Doc::Number)
+                let (text, whole) = self.number()?;
+                // A whole number that fits `u64` (or `i64` when negative) is an integer `Number`;
+                // any other number (and `-0`, a float there) is `serde_json`'s own parse of the
+                // number's text alone.
+                whole
+                    .then(|| integer(text))
+                    .flatten()
+                    .or_else(|| serde_json::from_str::<Number>(text).ok())
+                    .map(Doc::Number)
             }
         }
     }
@@ -196,16 +197,17 @@ impl<'a> Reader<'a> {
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
             _ => {
-                let (text, plain) = self.number()?;
-                // A float `serde_json` might find out of range (an error there) goes to it; any
-                // other well-formed number is accepted there too.
-                (plain || text.parse::<f64>().is_ok_and(|f| f.abs() < 1e300)).then_some(())
+                let (text, whole) = self.number()?;
+                // A number `serde_json` might find out of range (an error there) goes to it; any
+                // other well-formed number is accepted there too, whole ones of up to 300 digits
+                // without parsing them.
+                ((whole && text.len() <= 300) || text.parse::<f64>().is_ok_and(|f| f.abs() < 1e300)).then_some(())
             }
         }
     }
 
-    /// The text of a number in JSON's grammar, and whether it is a plain integer that fits
-    /// `u64` (or `i64` when negative, `-0` excepted: `serde_json` reads that as a float).
+    /// The text of a number in JSON's grammar, and whether it is written as a whole number (no
+    /// fraction or exponent; `-0` excepted: `serde_json` reads that as a float).
     fn number(&mut self) -> Option<(&'a str, bool)> {
         let start = self.pos;
         let negative = self.peek() == Some(b'-');
@@ -238,9 +240,7 @@ impl<'a> Reader<'a> {
             plain = false;
         }
         let text = &self.text[start..self.pos];
-        let plain =
-            plain && text != "-0" && if negative { text.parse::<i64>().is_ok() } else { text.parse::<u64>().is_ok() };
-        Some((text, plain))
+        Some((text, plain && text != "-0"))
     }
 
     fn digits(&mut self) {
