@@ -39,6 +39,16 @@ fn main() {
             _ => ("zendesk", "zendesk-ticket-created-event-webhook.json"),
         };
         let raw = std::fs::read(root.join("tests/fixtures").join(file)).expect("fixture");
+        // `BENCH_NORMALIZE_ITERATIONS=<n>`: exactly n events and no clock, so that an
+        // instruction counter (`valgrind --tool=callgrind`) gives exact per-event figures on
+        // machines too noisy to time a few per cent.
+        if let Some(n) = std::env::var("BENCH_NORMALIZE_ITERATIONS").ok().and_then(|n| n.parse::<u64>().ok()) {
+            for _ in 0..n {
+                black_box(pipeline.normalize(black_box(source), black_box(&raw), None));
+            }
+            println!("{source} {file}: {n} events normalized");
+            return;
+        }
         let n = common::rate(budget, || {
             black_box(pipeline.normalize(black_box(source), black_box(&raw), None));
         });

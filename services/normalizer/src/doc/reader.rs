@@ -128,7 +128,7 @@ impl<'a> Reader<'a> {
                     let value = self.value(select, depth)?;
                     members.push((key, value));
                 }
-                None => self.skip(depth)?,
+                None => self.skip_value(depth)?,
             }
             if !self.eat(b',') {
                 return self.eat(b'}').then_some(Doc::Object(members));
@@ -152,6 +152,21 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// [`Reader::skip`] with strings taken inline: most unread values are strings (or
+    /// `null`), and stepping over them without a call saves a tenth of skipping.
+    #[inline(always)]
+    fn skip_value(&mut self, depth: u32) -> Option<()> {
+        self.whitespace();
+        match self.peek()? {
+            b'"' => {
+                self.pos += 1;
+                self.skip_string()
+            }
+            b'n' => self.literal(b"null"),
+            _ => self.skip(depth),
+        }
+    }
+
     /// Steps over a value nobody reads, checking it as strictly as building it would.
     fn skip(&mut self, depth: u32) -> Option<()> {
         self.whitespace();
@@ -170,7 +185,7 @@ impl<'a> Reader<'a> {
                     if !self.eat(b':') {
                         return None;
                     }
-                    self.skip(depth)?;
+                    self.skip_value(depth)?;
                     if !self.eat(b',') {
                         return self.eat(b'}').then_some(());
                     }
@@ -183,7 +198,7 @@ impl<'a> Reader<'a> {
                     return Some(());
                 }
                 loop {
-                    self.skip(depth)?;
+                    self.skip_value(depth)?;
                     if !self.eat(b',') {
                         return self.eat(b']').then_some(());
                     }
@@ -299,6 +314,7 @@ impl<'a> Reader<'a> {
         }
     }
 
+    #[inline(always)]
     fn skip_string(&mut self) -> Option<()> {
         loop {
             self.skip_plain();
