@@ -27,17 +27,6 @@ pub fn needs_escape(w: u64) -> bool {
     (below_space | zero_in(quote) | zero_in(backslash)) & HIGHS != 0
 }
 
-/// The bytes of `w` that [`needs_escape`] looks for, exactly: the high bit of each such byte
-/// is set and no other bit (no borrow marks a byte after a match, unlike the test there), so
-/// `trailing_zeros() / 8` is the first one's index (8 when there is none).
-#[inline]
-pub fn escape_mask(w: u64) -> u64 {
-    const LOW7: u64 = ONES * 0x7f;
-    let zero_in = |x: u64| !(((x & LOW7) + LOW7) | x) & HIGHS;
-    let below_space = !(((w & LOW7) + ONES * 0x60) | w) & HIGHS;
-    below_space | zero_in(w ^ (ONES * u64::from(b'"'))) | zero_in(w ^ (ONES * u64::from(b'\\')))
-}
-
 /// Appends `s` as a JSON string literal, escaped as serde_json escapes it.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
     let bytes = s.as_bytes();
@@ -217,28 +206,6 @@ mod tests {
         }
         let v = json!({"b": [1, -2, 3.5, 1e300, 0.1, u64::MAX, i64::MIN, null, true, false], "a": {"": "", "k\"ey": {}}, "c": []});
         assert_eq!(ours(&v), serde_json::to_vec(&v).expect("json"));
-    }
-
-    proptest! {
-        /// The mask marks exactly the bytes to escape, so its lowest mark is the first one.
-        #[test]
-        fn escape_mask_is_exact(bytes in any::<[u8; 8]>(), picks in any::<[bool; 8]>()) {
-            // Half the bytes from the interesting ones, so words with several marks are common.
-            let special = [b'"', b'\\', 0, 0x1f, b' ', 0x7f, 0x80, 0xa2];
-            let mut w = bytes;
-            for (i, pick) in picks.iter().enumerate() {
-                if *pick {
-                    w[i] = special[usize::from(bytes[i] % 8)];
-                }
-            }
-            let mask = escape_mask(u64::from_le_bytes(w));
-            for (i, b) in w.iter().enumerate() {
-                let marked = mask >> (8 * i) & 0xff;
-                let wanted = if *b < 0x20 || *b == b'"' || *b == b'\\' { 0x80 } else { 0 };
-                prop_assert_eq!(marked, wanted, "byte {} of {:?}", i, w);
-            }
-            prop_assert_eq!(mask != 0, needs_escape(u64::from_le_bytes(w)));
-        }
     }
 
     fn arb_value() -> impl Strategy<Value = Value> {

@@ -268,15 +268,11 @@ impl<'a> Reader<'a> {
     #[inline]
     fn skip_plain(&mut self) {
         while let Some(word) = self.bytes.get(self.pos..self.pos + 8) {
-            let mask =
-                agentbridge_contracts::json::escape_mask(u64::from_le_bytes(word.try_into().unwrap_or_default()));
-            // The exact mask says where the run ends, so no byte loop follows (6 % fewer
-            // instructions per Coupa invoice than finding it byte by byte, with the same speed
-            // on the fast machines; the last few bytes of the input are still read bytewise).
-            self.pos += (mask.trailing_zeros() / 8) as usize;
-            if mask != 0 {
-                return;
+            let word = u64::from_le_bytes(word.try_into().unwrap_or_default());
+            if agentbridge_contracts::json::needs_escape(word) {
+                break;
             }
+            self.pos += 8;
         }
         while self.peek().is_some_and(|b| b >= 0x20 && b != b'"' && b != b'\\') {
             self.pos += 1;
