@@ -23,7 +23,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentbridge_config::{AgentRunConfig, CompletionMode, Config, TriggerWorkerConfig};
-use agentbridge_contracts::{run_event_id, Envelope, RunEvent, RunStage, Stage, Topics, TraceParent, RUN_EVENT_TYPE};
+use agentbridge_contracts::envelope::{DATA_CONTENT_TYPE, SPEC_VERSION};
+use agentbridge_contracts::{
+    run_event_id, Attributes, Envelope, RunEvent, RunStage, Stage, Topics, TraceParent, RUN_EVENT_TYPE,
+};
 use agentbridge_runtime::backoff::Backoff;
 use agentbridge_runtime::CancellationToken;
 use agentbridge_store::{Admission, Claim, Gate, Rate, Store, StoreError};
@@ -40,6 +43,9 @@ use crate::metrics::{outcome, via, Metrics, UNKNOWN_AGENT};
 
 /// The service name stamped into dead letters and lifecycle events.
 pub const SERVICE: &str = "trigger-worker";
+
+/// The CloudEvent `source` of the lifecycle events this service writes.
+const RUNS_SOURCE: &str = "agentbridge/trigger-worker";
 /// Shortest park of a held event: a `Retry-After: 0` must not become a hot loop.
 const MIN_HOLD: Duration = Duration::from_millis(100);
 
@@ -699,24 +705,33 @@ pub(crate) fn lifecycle(e: &Envelope, ev: &RunEvent) -> Vec<u8> {
         RunStage::Claimed => format!("{id}.{}", ev.attempt),
         _ => id,
     };
-    let mut out = Envelope::new(id, format!("agentbridge/{SERVICE}"), RUN_EVENT_TYPE, Value::Null);
-    out.time = Some(ev.at);
-    out.subject = e.subject.clone();
-    out.idempotencykey = e.idempotencykey.clone();
-    out.agent = e.agent.clone();
-    out.agentversion = ev.agent_version.clone();
-    out.businessprocess = e.businessprocess.clone();
-    out.costcenter = e.costcenter.clone();
-    out.department = e.department.clone();
-    out.environment = e.environment.clone();
-    out.sourceeventid = e.sourceeventid.clone();
     let trace = e.traceparent.as_deref().and_then(TraceParent::parse).map_or_else(TraceParent::new_root, |t| t.child());
-    out.traceparent = Some(trace.to_string());
-    if let Some(id) = &ev.run_id {
-        out = out.with_extension("runid", id.as_str());
-    }
-    // Two of these per event: the data is written from the struct, not through a `Value`.
-    out.to_vec_with_data(ev)
+    let traceparent = trace.to_string();
+    let run_id = ev.run_id.as_ref().map(|id| Value::String(id.clone()));
+    // Two of these per event: written from borrowed attributes, the data from the struct
+    // (neither through an `Envelope` nor a `Value`).
+    let attributes = Attributes {
+        specversion: SPEC_VERSION,
+        id: &id,
+        source: RUNS_SOURCE,
+        ty: RUN_EVENT_TYPE,
+        time: Some(&ev.at),
+        subject: e.subject.as_deref(),
+        datacontenttype: Some(DATA_CONTENT_TYPE),
+        dataschema: None,
+        idempotencykey: e.idempotencykey.as_deref(),
+        agent: e.agent.as_deref(),
+        agentversion: ev.agent_version.as_deref(),
+        businessprocess: e.businessprocess.as_deref(),
+        costcenter: e.costcenter.as_deref(),
+        department: e.department.as_deref(),
+        environment: e.environment.as_deref(),
+        sourceeventid: e.sourceeventid.as_deref(),
+        traceparent: Some(&traceparent),
+        attempt: None,
+        rerun: None,
+    };
+    attributes.write_with_data(ev, run_id.as_ref().map(|v| ("runid", v)))
 }
 
 #[cfg(test)]
@@ -826,8 +841,15 @@ mod tests {
         let e = event();
         let mut ev = run_event(&e, RunStage::Triggered, 2);
         ev.run_id = Some("run_1".into());
-        let l = Envelope::from_slice(&lifecycle(&e, &ev)).expect("a valid CloudEvent");
+        let bytes = lifecycle(&e, &ev);
+        let l = Envelope::from_slice(&bytes).expect("a valid CloudEvent");
+        // Written in the envelope's own order (data last, as `to_vec_with_data` puts it).
+        let mut bare = l.clone();
+        bare.data = Value::Null;
+        assert_eq!(bare.to_vec_with_data(&ev), bytes);
         assert_eq!(l.id, "k1.triggered");
+        assert_eq!(l.source, format!("agentbridge/{SERVICE}"));
+        assert_eq!((l.time, l.subject.as_deref()), (Some(ev.at), e.subject.as_deref()));
         assert_eq!(l.ty, RUN_EVENT_TYPE);
         let back: RunEvent = serde_json::from_value(l.data.clone()).expect("RunEvent data");
         assert_eq!(back.stage, RunStage::Triggered);

@@ -198,6 +198,31 @@ impl<'a> Attributes<'a> {
         out.push(b'}');
         out
     }
+
+    /// [`Attributes::write`] with `data` serialized from a typed value, for producers whose
+    /// data is a struct: building a `Value` tree first (a map and a string per field) cost more
+    /// than the rest of such an event. The data member comes last, after the extension
+    /// attributes, in the struct's own field order.
+    pub fn write_with_data<'e, D: Serialize + ?Sized>(
+        &self,
+        data: &D,
+        extensions: impl IntoIterator<Item = (&'e str, &'e Value)>,
+    ) -> Vec<u8> {
+        let mut out = self.write(None::<fn(&mut Vec<u8>)>, extensions);
+        // `write` wrote a non-empty object (the required attributes): reopen it.
+        if out.pop() != Some(b'}') {
+            return out;
+        }
+        out.extend_from_slice(b",\"data\":");
+        // A serializable struct of strings, numbers and timestamps cannot fail; if a caller's
+        // type could, fall back to the event without data rather than half a member.
+        let mark = out.len();
+        if serde_json::to_writer(&mut out, data).is_err() {
+            out.truncate(mark - b",\"data\":".len());
+        }
+        out.push(b'}');
+        out
+    }
 }
 
 /// `,"<name>":` for a member after the first (names here need no escaping).
@@ -409,26 +434,11 @@ impl Envelope {
         }
     }
 
-    /// [`Envelope::to_vec`] with `data` serialized from a typed value, for producers whose data
-    /// is a struct: building a `Value` tree first (a map and a string per field) cost more than
-    /// the rest of such an event. `self.data` must be null (it is replaced); the data member
-    /// comes last, after the extension attributes, in the struct's own field order.
+    /// [`Envelope::to_vec`] with `data` serialized from a typed value (see
+    /// [`Attributes::write_with_data`]). `self.data` must be null (it is replaced).
     pub fn to_vec_with_data<D: Serialize + ?Sized>(&self, data: &D) -> Vec<u8> {
         debug_assert!(self.data.is_null(), "to_vec_with_data replaces the data; leave it null");
-        let mut out = self.to_vec();
-        // `to_vec` wrote a non-empty object (the required attributes): reopen it.
-        if out.pop() != Some(b'}') {
-            return out;
-        }
-        out.extend_from_slice(b",\"data\":");
-        // A serializable struct of strings, numbers and timestamps cannot fail; if a caller's
-        // type could, fall back to the event without data rather than half a member.
-        let mark = out.len();
-        if serde_json::to_writer(&mut out, data).is_err() {
-            out.truncate(mark - b",\"data\":".len());
-        }
-        out.push(b'}');
-        out
+        self.attributes().write_with_data(data, self.extensions.iter().map(|(k, v)| (k.as_str(), v)))
     }
 
     pub fn with_extension(mut self, name: &str, value: impl Into<Value>) -> Self {
