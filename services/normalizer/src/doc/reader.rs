@@ -152,8 +152,9 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// [`Reader::skip`] with strings taken inline: most unread values are strings (or
-    /// `null`), and stepping over them without a call saves a tenth of skipping.
+    /// [`Reader::skip`] with strings and `null` taken inline: most unread values are one of
+    /// those, and stepping over them without a call took 2.5 % fewer instructions per Coupa
+    /// invoice (reading it faster in three of four alternating runs).
     #[inline(always)]
     fn skip_value(&mut self, depth: u32) -> Option<()> {
         self.whitespace();
