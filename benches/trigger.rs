@@ -22,7 +22,9 @@
 //! runs, timers or connections. No log subscriber is installed (production logs one INFO line
 //! per trigger). Every phase checks that each event reached the simulator exactly once.
 //! Beside events/s each phase prints the CPU time per event of this process (client,
-//! simulator, worker) and, for Redis, of redis-server (`INFO cpu`), from the same run.
+//! simulator, worker) and, for Redis, of redis-server (`INFO cpu`), from the same run; the
+//! Redis phase also prints how much Redis's `used_memory` grew per triggered event (the figure
+//! docs/trigger-worker.md, "Redis memory", sizes Redis with).
 //!
 //! Goals (issue 4): worker ≥ 5000 events/s and ≥ 60 % of the raw baseline; at 200 ms latency
 //! within 10 % of M / 0.2 s.
@@ -188,11 +190,19 @@ struct Sample {
     cpu: Duration,
     /// CPU time redis-server used meanwhile (Redis phases only).
     redis_cpu: Duration,
+    /// Growth of Redis's `used_memory` from before the phase to its end, per triggered event,
+    /// and the mean size of the normalized events (Redis phases only).
+    redis_bytes: Option<(f64, f64)>,
 }
 
 impl Sample {
     fn since(start: Instant, cpu_start: Duration) -> Self {
-        Sample { elapsed: start.elapsed(), cpu: cpu_time().saturating_sub(cpu_start), redis_cpu: Duration::ZERO }
+        Sample {
+            elapsed: start.elapsed(),
+            cpu: cpu_time().saturating_sub(cpu_start),
+            redis_cpu: Duration::ZERO,
+            redis_bytes: None,
+        }
     }
 }
 
@@ -325,10 +335,13 @@ fn worker(n: usize, in_flight: usize, latency: Duration, store_choice: StoreChoi
             Arc::new(Worker::new(&config, transport.clone(), store, Metrics::new().expect("metrics")).expect("worker"));
         worker.prepare().await.expect("prepare");
         let topics = Topics::new(prefix.clone());
+        let mut event_bytes = 0;
         for e in events(n, &callback_url(&sim)) {
+            event_bytes += e.normalized.len();
             transport.publish(&topics.normalized(), Message::new(Some(e.key), e.normalized)).await.expect("publish");
         }
 
+        let redis_memory_start = if store_choice == StoreChoice::Redis { redis_used_memory().await } else { 0 };
         let redis_cpu_start = if store_choice == StoreChoice::Redis { redis_cpu().await } else { Duration::ZERO };
         let (start, cpu_start) = (Instant::now(), cpu_time());
         let task = tokio::spawn(worker.clone().run(cancel.child_token()));
@@ -344,6 +357,12 @@ fn worker(n: usize, in_flight: usize, latency: Duration, store_choice: StoreChoi
         }
         cancel.cancel();
         task.await.expect("worker task").expect("worker run");
+        if store_choice == StoreChoice::Redis {
+            // What a triggered event leaves in Redis while its run is open: the commit, the run
+            // state (which keeps the normalized event) and the watchdog deadline.
+            let grown = redis_used_memory().await - redis_memory_start;
+            sample.redis_bytes = Some((grown as f64 / n as f64, event_bytes as f64 / n as f64));
+        }
         assert_eq!(worker.metrics().events_count(AGENT, outcome::TRIGGERED), n as u64, "triggered");
         assert_once(&sim, n, "worker");
         // `runs` kept every lifecycle event for its first group: N `triggered` among them.
@@ -376,6 +395,14 @@ async fn redis_cpu() -> Duration {
         .filter_map(|v| v.trim().parse::<f64>().ok())
         .sum();
     Duration::from_secs_f64(seconds)
+}
+
+/// Redis's `used_memory` (`INFO memory`), in bytes.
+async fn redis_used_memory() -> i64 {
+    let client = redis::Client::open(common::redis_url()).expect("redis url");
+    let mut conn = client.get_multiplexed_async_connection().await.expect("redis connection");
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.expect("INFO memory");
+    info.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
 /// CPU time this process has used so far (user + system, in USER_HZ = 100 ticks/s), from
@@ -420,6 +447,7 @@ fn main() {
     }
     // Per phase: events/s and CPU µs per event (process, redis-server) of its fastest round.
     let mut best = [(0f64, (0f64, 0f64)); 4];
+    let mut redis_bytes = None;
     for round in 1..=rounds {
         let mut line = format!("  round {round}:");
         for (i, phase) in PHASES[..4].iter().enumerate().filter(|(_, p)| on(p)) {
@@ -431,6 +459,7 @@ fn main() {
             };
             let r = rate(n, sample);
             line += &format!(" {phase} {r:.0}/s");
+            redis_bytes = sample.redis_bytes.or(redis_bytes);
             if r > best[i].0 {
                 best[i] = (r, cpu_per_event(n, sample));
             }
@@ -457,6 +486,11 @@ fn main() {
             (format!("{cpu:>3.0}"), "")
         };
         println!("{name:<36} {r:>8.0} events/s  CPU µs/event {cpu:<24} {share}{goal}");
+    }
+    if let Some((per_event, event)) = redis_bytes {
+        println!(
+            "Redis memory per triggered event      {per_event:>8.0} bytes (its normalized event: {event:.0} bytes)"
+        );
     }
     if on("redis") {
         let redis_rate = best[3].0;
