@@ -181,6 +181,68 @@ async fn agents_pause_resume_status_on_redis() {
     assert!(!ok && err.contains("no agent `nobody`"), "{err}");
 }
 
+/// Restores Redis's eviction policy when the test ends, also when it fails half-way.
+struct PolicyGuard(String);
+
+impl Drop for PolicyGuard {
+    fn drop(&mut self) {
+        let client = redis::Client::open(common::redis_url()).expect("redis url");
+        let mut conn = client.get_connection().expect("redis connection");
+        let _: () =
+            redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg(&self.0).query(&mut conn).expect("restore");
+    }
+}
+
+/// `self-check` against real RabbitMQ and Redis passes, and refuses a Redis whose eviction
+/// policy could drop dedup claims or run state, naming the policy.
+#[test]
+fn self_check_passes_on_real_servers_and_refuses_an_evicting_redis() {
+    let prefix = common::unique_prefix();
+    let config = write_config(
+        &prefix,
+        &format!(
+            "{}store:\n  kind: redis\n  redis:\n    url: '{}'\n    key_prefix: '{prefix}'\n",
+            common::transport_yaml(Backend::Rabbitmq, &prefix),
+            common::redis_url()
+        ),
+    );
+    let client = redis::Client::open(common::redis_url()).expect("redis url");
+    let mut conn = client.get_connection().expect("redis connection");
+    let get = |conn: &mut redis::Connection, name: &str| -> String {
+        let pair: Vec<String> = redis::cmd("CONFIG").arg("GET").arg(name).query(conn).expect("CONFIG GET");
+        pair.get(1).cloned().unwrap_or_default()
+    };
+    let policy = get(&mut conn, "maxmemory-policy");
+
+    let (ok, out, err) = common::run_cli(&config, &["self-check"]);
+    if policy == "noeviction" {
+        assert!(ok, "{out}{err}");
+        assert!(out.contains("✓ store configuration: nothing agentbridge keeps can be evicted"), "{out}");
+        assert_eq!(out.lines().last(), Some("ok"), "{out}");
+    } else {
+        // A developer's Redis set up otherwise: the check must say so.
+        assert!(!ok && out.contains(&format!("maxmemory-policy is `{policy}`")), "{out}{err}");
+    }
+
+    // Flip the policy only where no memory limit is set: without one Redis evicts nothing,
+    // so other suites sharing this server lose no key meanwhile.
+    if get(&mut conn, "maxmemory") != "0" {
+        return;
+    }
+    let _restore = PolicyGuard(policy);
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("volatile-lru")
+        .query(&mut conn)
+        .expect("CONFIG SET");
+    let (ok, out, err) = common::run_cli(&config, &["self-check"]);
+    assert!(!ok, "an evicting Redis passed:\n{out}");
+    assert!(out.contains("✗ Redis maxmemory-policy is `volatile-lru` (no maxmemory is set yet"), "{out}");
+    assert!(out.contains("set `maxmemory-policy noeviction`"), "{out}");
+    assert!(err.contains("the store's configuration can break agentbridge's guarantees"), "{err}");
+}
+
 /// `config check` runs the services' start-up checks too: what would stop a service when it
 /// starts (a missing input schema, no callback secret) is reported here, per service, and
 /// `--service` limits the check to the services a file is meant for.

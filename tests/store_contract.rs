@@ -910,6 +910,7 @@ async fn assert_every_call_fails(store: &dyn Store, bound: Duration) {
     fails("schedule_poll", bound, store.schedule_poll("r", 0)).await;
     fails("cancel_poll", bound, store.cancel_poll("r")).await;
     fails("take_due_polls", bound, store.take_due_polls(i64::MAX, 10)).await;
+    fails("configuration_risks", bound, store.configuration_risks()).await;
     fails("ping again", bound, store.ping()).await;
 }
 

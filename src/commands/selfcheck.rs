@@ -96,6 +96,18 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         bail!("first event of a fresh rate limiter was refused");
     }
     step("claim → duplicate claim refused → commit → duplicate detected; rate limiter admits", t);
+
+    // A store that works today can still break the guarantees at its memory limit (Redis
+    // evicting claims): a pre-deploy check should fail on it, not only log it.
+    let t = Instant::now();
+    let risks = store.configuration_risks().await.context("read the store's configuration")?;
+    if !risks.is_empty() {
+        for risk in &risks {
+            println!("  ✗ {risk}");
+        }
+        bail!("the store's configuration can break agentbridge's guarantees (above)");
+    }
+    step("store configuration: nothing agentbridge keeps can be evicted", t);
     println!("ok");
     Ok(ExitCode::SUCCESS)
 }

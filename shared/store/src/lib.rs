@@ -240,6 +240,13 @@ pub trait Store: Send + Sync {
 
     /// Checks the store answers (for `/readyz`).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Settings of the store's server that put the guarantees above at risk, each a sentence
+    /// for an operator; empty when there are none (always, for a store without a server).
+    /// Logged when a service connects and printed by `agentbridge self-check`.
+    async fn configuration_risks(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 /// Connects the store chosen by `config.kind`.

@@ -217,8 +217,18 @@ impl RedisStore {
                 take_due: Script::new(TAKE_DUE),
             },
         };
-        if let Err(e) = store.ping().await {
-            tracing::warn!(error = %e, "Redis store not reachable yet; every store call fails until it is");
+        match store.ping().await {
+            Err(e) => tracing::warn!(error = %e, "Redis store not reachable yet; every store call fails until it is"),
+            Ok(()) => match store.configuration_risks().await {
+                Ok(risks) => {
+                    for risk in risks {
+                        tracing::warn!(risk = %risk, "Redis is configured in a way that can break agentbridge's guarantees");
+                    }
+                }
+                // Managed Redis services may refuse INFO (ACLs, renamed commands): the store
+                // works without it, only this check is skipped.
+                Err(e) => tracing::info!(error = %e, "cannot read Redis INFO memory; eviction policy not checked"),
+            },
         }
         Ok(store)
     }
@@ -273,6 +283,11 @@ fn classify(e: RedisError, timeout: Duration) -> StoreError {
     if e.is_timeout() {
         return StoreError::Timeout(timeout);
     }
+    // A full Redis under `noeviction` refuses writes until memory is freed or raised: an
+    // outage to wait out like a lost connection, not a reply someone must debug.
+    if e.code() == Some("OOM") {
+        return StoreError::Unavailable(format!("Redis is full (maxmemory reached; writes refused): {e}"));
+    }
     match e.kind() {
         ErrorKind::Parse
         | ErrorKind::UnexpectedReturnType
@@ -309,6 +324,38 @@ fn claim_of(reply: &[String], key: &str, token: String) -> Result<Claim, StoreEr
         }
         _ => Err(StoreError::Protocol(format!("claim script replied {} values", reply.len()))),
     }
+}
+
+/// The risk in an `INFO memory` reply, if any: an eviction policy other than `noeviction`.
+///
+/// Why it matters: every key on the hot path carries a TTL (claims, commits, run state, rate
+/// limiters, replay marks), so under `volatile-*` and `allkeys-*` policies Redis drops them
+/// silently at its memory limit — a dropped commit lets a redelivered event trigger a second
+/// run, a dropped run state leaves its callback to be matched by metadata alone, a dropped
+/// replay mark accepts a replayed callback. `allkeys-*` also drops flags without a TTL, such
+/// as a pause. Under `noeviction` a full Redis refuses writes instead, and the services fail
+/// closed (events wait) rather than break a guarantee. A server that does not report a policy
+/// (a Redis-compatible one) is not judged.
+fn eviction_risk(info: &str) -> Option<String> {
+    let field = |name: &str| {
+        info.lines().find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(':'))).map(str::trim)
+    };
+    let policy = field("maxmemory_policy")?;
+    if policy == "noeviction" {
+        return None;
+    }
+    let limit = match field("maxmemory").and_then(|v| v.parse::<u64>().ok()) {
+        Some(0) | None => "no maxmemory is set yet, so nothing is evicted until one is".to_string(),
+        Some(bytes) => format!("maxmemory is {} MiB", bytes.div_ceil(1024 * 1024)),
+    };
+    let evicted = if policy.starts_with("allkeys") { "any key" } else { "keys with a TTL" };
+    Some(format!(
+        "Redis maxmemory-policy is `{policy}` ({limit}): at its memory limit Redis evicts {evicted} \
+         (dedup commits, run state, rate limiters, callback replay marks, {}), so an event can run \
+         twice and a replayed callback can pass; set `maxmemory-policy noeviction` and size Redis \
+         memory (docs/trigger-worker.md, \"Redis memory\")",
+        if policy.starts_with("allkeys") { "pause flags" } else { "timed pauses" }
+    ))
 }
 
 /// Escapes `SCAN MATCH` glob metacharacters so a prefix matches literally.
@@ -562,11 +609,36 @@ impl Store for RedisStore {
             Err(StoreError::Protocol(format!("PING answered {pong:?}")))
         }
     }
+
+    async fn configuration_risks(&self) -> Result<Vec<String>, StoreError> {
+        let info: String = self.query(::redis::cmd("INFO").arg("memory")).await?;
+        Ok(eviction_risk(&info).into_iter().collect())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_noeviction_is_safe() {
+        let info = |policy: &str, max: &str| {
+            format!("# Memory\r\nused_memory:1024\r\nmaxmemory:{max}\r\nmaxmemory_human:0B\r\nmaxmemory_policy:{policy}\r\n")
+        };
+        assert_eq!(eviction_risk(&info("noeviction", "0")), None);
+        assert_eq!(eviction_risk(&info("noeviction", "1073741824")), None);
+        let volatile = eviction_risk(&info("volatile-lru", "1073741824")).expect("a risk");
+        assert!(volatile.starts_with("Redis maxmemory-policy is `volatile-lru` (maxmemory is 1024 MiB)"), "{volatile}");
+        assert!(volatile.contains("set `maxmemory-policy noeviction`"), "{volatile}");
+        assert!(volatile.contains("evicts keys with a TTL") && volatile.contains("timed pauses"), "{volatile}");
+        let allkeys = eviction_risk(&info("allkeys-lfu", "0")).expect("a risk");
+        assert!(allkeys.contains("(no maxmemory is set yet"), "{allkeys}");
+        assert!(allkeys.contains("evicts any key") && allkeys.contains("pause flags"), "{allkeys}");
+        // A Redis-compatible server that reports no policy is not judged.
+        assert_eq!(eviction_risk("# Memory\r\nused_memory:1024\r\n"), None);
+        // `maxmemory_human` and `maxmemory_policy` share a prefix with `maxmemory`.
+        assert!(eviction_risk(&info("volatile-ttl", "garbage")).expect("a risk").contains("no maxmemory is set"));
+    }
 
     #[test]
     fn glob_metacharacters_are_escaped() {
