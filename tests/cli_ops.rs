@@ -243,6 +243,52 @@ fn self_check_passes_on_real_servers_and_refuses_an_evicting_redis() {
     assert!(err.contains("the store's configuration can break agentbridge's guarantees"), "{err}");
 }
 
+/// A managed Redis may refuse `INFO` (ACLs): `self-check` then passes on the plumbing and says
+/// the eviction policy must be checked by hand, rather than failing or claiming it is fine.
+#[test]
+fn self_check_on_a_redis_that_refuses_info_says_the_policy_was_not_checked() {
+    let url = common::redis_url();
+    // A test Redis reached with credentials already: an extra user cannot be spliced in.
+    let Some(rest) = url.strip_prefix("redis://").filter(|r| !r.contains('@')) else { return };
+    let user = format!("abtest-noinfo-{}", std::process::id());
+    let mut conn = redis::Client::open(url.as_str()).expect("redis url").get_connection().expect("redis connection");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">pw")
+        .arg("~*")
+        .arg("&*")
+        .arg("+@all")
+        .arg("-info")
+        .query(&mut conn)
+        .expect("ACL SETUSER");
+    struct DropUser(String);
+    impl Drop for DropUser {
+        fn drop(&mut self) {
+            let client = redis::Client::open(common::redis_url()).expect("redis url");
+            let mut conn = client.get_connection().expect("redis connection");
+            let _: i64 = redis::cmd("ACL").arg("DELUSER").arg(&self.0).query(&mut conn).expect("ACL DELUSER");
+        }
+    }
+    let _user = DropUser(user.clone());
+
+    let prefix = common::unique_prefix();
+    let config = write_config(
+        &prefix,
+        &format!(
+            "{}store:\n  kind: redis\n  redis:\n    url: 'redis://{user}:pw@{rest}'\n    key_prefix: '{prefix}'\n",
+            common::transport_yaml(Backend::Rabbitmq, &prefix)
+        ),
+    );
+    let (ok, out, err) = common::run_cli(&config, &["self-check"]);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("✓ claim → duplicate claim refused"), "the store itself was checked: {out}");
+    assert!(out.contains("? store configuration not checked ("), "{out}");
+    assert!(out.contains("make sure Redis runs with maxmemory-policy noeviction"), "{out}");
+    assert_eq!(out.lines().last(), Some("ok"), "{out}");
+}
+
 /// `config check` runs the services' start-up checks too: what would stop a service when it
 /// starts (a missing input schema, no callback secret) is reported here, per service, and
 /// `--service` limits the check to the services a file is meant for.
