@@ -322,3 +322,43 @@ mod ordering {
         per_key_order_holds(Backend::Kafka).await
     }
 }
+
+/// Topics the Kafka transport creates carry `transport.kafka.topic_config`, and the dead-letter
+/// topics `retention.ms` = `dead_letter_retention` (read back from the broker).
+mod kafka_topic_config {
+    use super::*;
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+
+    async fn described(admin: &AdminClient<DefaultClientContext>, topic: &str) -> BTreeMap<String, Option<String>> {
+        let results =
+            admin.describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new()).await.expect("describe");
+        let resource = results.into_iter().next().expect("one resource").expect("topic described");
+        resource.entries.into_iter().map(|e| (e.name, e.value)).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn created_topics_carry_the_configured_settings() {
+        let prefix = unique_prefix();
+        let topics = Topics::new(prefix.clone());
+        let mut config = common::transport_config(Backend::Kafka, &prefix);
+        config.kafka.dead_letter_retention = Duration::from_secs(45 * 24 * 3600);
+        config.kafka.topic_config =
+            [("max.message.bytes", "2097152"), ("retention.ms", "86400000")].map(|(k, v)| (k.into(), v.into())).into();
+        let transport = agentbridge_transport::connect(&config).await.expect("kafka");
+        let (normalized, dlq) = (topics.normalized(), topics.dlq("trigger"));
+        transport.ensure_topics(&[normalized.clone(), dlq.clone()]).await.expect("create topics");
+
+        let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", common::kafka_brokers())
+            .create()
+            .expect("admin client");
+        let plain = described(&admin, &normalized).await;
+        assert_eq!(plain.get("max.message.bytes"), Some(&Some("2097152".into())), "{plain:?}");
+        assert_eq!(plain.get("retention.ms"), Some(&Some("86400000".into())), "{plain:?}");
+        let dead = described(&admin, &dlq).await;
+        assert_eq!(dead.get("max.message.bytes"), Some(&Some("2097152".into())), "{dead:?}");
+        // 45 days, over the 1 day every other topic gets.
+        assert_eq!(dead.get("retention.ms"), Some(&Some("3888000000".into())), "{dead:?}");
+    }
+}

@@ -243,4 +243,30 @@ mod tests {
             other => panic!("expected validation errors, got {other:?}"),
         }
     }
+
+    #[test]
+    fn kafka_topic_settings_keep_dead_letters_and_refuse_compaction() {
+        let c = Config::from_layers("", env(&[])).expect("defaults");
+        assert_eq!(c.transport.kafka.dead_letter_retention, std::time::Duration::from_secs(30 * 24 * 3600));
+        assert!(c.transport.kafka.topic_config.is_empty());
+        let yaml = "transport:\n  kafka:\n    dead_letter_retention: 10m\n    topic_config:\n      cleanup.policy: compact\n      min.insync.replicas: '2'\n      retention.ms: ''\n";
+        match Config::from_layers(yaml, env(&[])) {
+            Err(ConfigError::Validation(p)) => {
+                let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+                assert_eq!(
+                    keys,
+                    [
+                        "transport.kafka.dead_letter_retention",
+                        "transport.kafka.topic_config.cleanup.policy",
+                        "transport.kafka.topic_config.retention.ms"
+                    ]
+                );
+                assert!(p[1].message.contains("compaction would drop"), "{}", p[1].message);
+            }
+            other => panic!("expected validation errors, got {other:?}"),
+        }
+        let ok = "transport:\n  kafka:\n    dead_letter_retention: 90d\n    topic_config: {min.insync.replicas: '2', cleanup.policy: delete}\n";
+        let c = Config::from_layers(ok, env(&[])).expect("valid");
+        assert_eq!(c.transport.kafka.topic_config.get("min.insync.replicas").map(String::as_str), Some("2"));
+    }
 }

@@ -152,6 +152,15 @@ pub struct KafkaConfig {
     /// Create missing topics at startup (admin API). Off where topics are managed elsewhere.
     #[serde(default = "yes")]
     pub create_topics: bool,
+    /// `retention.ms` of the dead-letter topics (`dlq.<stage>`) agentbridge creates. Dead
+    /// letters wait for an operator; under the broker's default (7 days on Kafka) a week-old
+    /// one would be deleted unreplayed. Overrides a `retention.ms` in `topic_config`.
+    #[serde(default = "default_dead_letter_retention", with = "serde_duration")]
+    pub dead_letter_retention: Duration,
+    /// Topic-level configuration for every topic agentbridge creates (e.g.
+    /// `min.insync.replicas: "2"`, which `acks=all` needs to survive a broker loss).
+    #[serde(default)]
+    pub topic_config: BTreeMap<String, String>,
     /// Messages a Kafka subscription reads ahead of its consumer (in its hand-off channel; as
     /// many again are held, and librdkafka's own prefetch is capped at this many). Larger than
     /// `transport.prefetch`: a consumer catching up a backlog keeps it full.
@@ -175,6 +184,8 @@ impl Default for KafkaConfig {
             partitions: default_partitions(),
             replication_factor: default_replication(),
             create_topics: true,
+            dead_letter_retention: default_dead_letter_retention(),
+            topic_config: BTreeMap::new(),
             read_ahead: default_read_ahead(),
             properties: BTreeMap::new(),
         }
@@ -198,6 +209,9 @@ fn default_message_timeout() -> Duration {
 }
 fn default_linger() -> Duration {
     Duration::from_millis(5)
+}
+fn default_dead_letter_retention() -> Duration {
+    Duration::from_secs(30 * 24 * 3600)
 }
 fn default_read_ahead() -> usize {
     2048
@@ -351,6 +365,25 @@ impl Config {
         }
         if k.replication_factor < 1 {
             p.push(Problem::new("transport.kafka.replication_factor", "must be at least 1"));
+        }
+        if k.dead_letter_retention < Duration::from_secs(3600) {
+            p.push(Problem::new(
+                "transport.kafka.dead_letter_retention",
+                "must be at least 1h: dead letters must outlive an operator's reaction",
+            ));
+        }
+        for (key, value) in &k.topic_config {
+            let at = format!("transport.kafka.topic_config.{key}");
+            if key.trim().is_empty() || value.trim().is_empty() {
+                p.push(Problem::new(at, "names and values must not be empty"));
+            } else if key == "cleanup.policy" && value != "delete" {
+                // Compaction keeps only the latest message per key, and agentbridge keys every
+                // message of a business event by its idempotency key.
+                p.push(Problem::new(
+                    at,
+                    "only `delete`: compaction would drop all but the latest message of each event",
+                ));
+            }
         }
         let r = &t.rabbitmq;
         if t.kind == TransportKind::Rabbitmq && r.url.is_empty() {

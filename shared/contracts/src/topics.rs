@@ -62,6 +62,11 @@ impl Topics {
         self.name(&format!("retry.{group}"))
     }
 
+    /// Whether `topic` is one of the dead-letter topics ([`Topics::dlq`]).
+    pub fn is_dead_letter(&self, topic: &str) -> bool {
+        self.strip(topic).is_some_and(|t| t.starts_with("dlq."))
+    }
+
     /// The logical name with the prefix removed, if it has it.
     pub fn strip<'a>(&self, topic: &'a str) -> Option<&'a str> {
         topic.strip_prefix(self.prefix.as_str())
@@ -86,5 +91,7 @@ mod tests {
         assert_eq!(t.results("customer_support"), "agentbridge.results.customer_support");
         assert_eq!(Topics::new("t1.").normalized(), "t1.normalized");
         assert_eq!(t.strip("agentbridge.runs"), Some("runs"));
+        assert!(t.is_dead_letter(&t.dlq("trigger")));
+        assert!(!t.is_dead_letter(&t.runs()) && !t.is_dead_letter("other.dlq.trigger"));
     }
 }

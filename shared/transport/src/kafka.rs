@@ -76,6 +76,9 @@
 //!   consumer does not poll, so a rebalance waits that long for this member.
 //! - With `create_topics: false` the topics, including every group's retry topic and
 //!   `dlq.transport`, must be created by whoever manages the cluster.
+//! - Topics it creates get `transport.kafka.topic_config`, and the dead-letter topics
+//!   `retention.ms` = `dead_letter_retention` (30 days by default: the broker's usual 7 would
+//!   delete dead letters nobody replayed yet). Existing topics are never altered.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -293,9 +296,20 @@ impl Inner {
             return Ok(());
         }
         let k = &self.config.kafka;
+        let dead_letter_retention = ms(k.dead_letter_retention);
         let new: Vec<NewTopic<'_>> = missing
             .iter()
-            .map(|t| NewTopic::new(t, k.partitions, TopicReplication::Fixed(k.replication_factor)))
+            .map(|t| {
+                let mut topic = NewTopic::new(t, k.partitions, TopicReplication::Fixed(k.replication_factor));
+                for (name, value) in &k.topic_config {
+                    topic = topic.set(name, value);
+                }
+                // Set last, so it wins over a `retention.ms` meant for the other topics.
+                if self.topics.is_dead_letter(t) {
+                    topic = topic.set("retention.ms", &dead_letter_retention);
+                }
+                topic
+            })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
         let results = self
