@@ -217,7 +217,7 @@ fn self_check_passes_on_real_servers_and_refuses_an_evicting_redis() {
     let (ok, out, err) = common::run_cli(&config, &["self-check"]);
     if policy == "noeviction" {
         assert!(ok, "{out}{err}");
-        assert!(out.contains("✓ store configuration: nothing agentbridge keeps can be evicted"), "{out}");
+        assert!(out.contains("✓ server settings: nothing agentbridge keeps can be evicted or expire early"), "{out}");
         assert_eq!(out.lines().last(), Some("ok"), "{out}");
     } else {
         // A developer's Redis set up otherwise: the check must say so.
@@ -240,7 +240,7 @@ fn self_check_passes_on_real_servers_and_refuses_an_evicting_redis() {
     assert!(!ok, "an evicting Redis passed:\n{out}");
     assert!(out.contains("✗ Redis maxmemory-policy is `volatile-lru` (no maxmemory is set yet"), "{out}");
     assert!(out.contains("set `maxmemory-policy noeviction`"), "{out}");
-    assert!(err.contains("the store's configuration can break agentbridge's guarantees"), "{err}");
+    assert!(err.contains("the servers' configuration can break agentbridge's guarantees"), "{err}");
 }
 
 /// A managed Redis may refuse `INFO` (ACLs): `self-check` then passes on the plumbing and says
@@ -286,6 +286,7 @@ fn self_check_on_a_redis_that_refuses_info_says_the_policy_was_not_checked() {
     assert!(out.contains("✓ claim → duplicate claim refused"), "the store itself was checked: {out}");
     assert!(out.contains("? store configuration not checked ("), "{out}");
     assert!(out.contains("make sure Redis runs with maxmemory-policy noeviction"), "{out}");
+    assert!(out.contains("✓ server settings: no risk in what could be read"), "{out}");
     assert_eq!(out.lines().last(), Some("ok"), "{out}");
 }
 

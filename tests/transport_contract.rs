@@ -334,7 +334,12 @@ mod kafka_topic_config {
         let results =
             admin.describe_configs([&ResourceSpecifier::Topic(topic)], &AdminOptions::new()).await.expect("describe");
         let resource = results.into_iter().next().expect("one resource").expect("topic described");
-        resource.entries.into_iter().map(|e| (e.name, e.value)).collect()
+        let mut settings = BTreeMap::new();
+        for e in resource.entries {
+            // Each name once: a topic created with a name twice would hide it in a map.
+            assert!(settings.insert(e.name.clone(), e.value).is_none(), "{topic}: {} set twice", e.name);
+        }
+        settings
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -360,5 +365,35 @@ mod kafka_topic_config {
         assert_eq!(dead.get("max.message.bytes"), Some(&Some("2097152".into())), "{dead:?}");
         // 45 days, over the 1 day every other topic gets.
         assert_eq!(dead.get("retention.ms"), Some(&Some("3888000000".into())), "{dead:?}");
+        // What it created is as configured: nothing to report.
+        assert_eq!(transport.configuration_risks().await.expect("describe"), Vec::<String>::new());
+    }
+
+    /// A dead-letter topic that existed before (made by someone else, or before
+    /// `dead_letter_retention` was raised) and keeps messages for less is reported, by name.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_existing_dead_letter_topic_with_a_short_retention_is_reported() {
+        let prefix = unique_prefix();
+        let topics = Topics::new(prefix.clone());
+        let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", common::kafka_brokers())
+            .create()
+            .expect("admin client");
+        let old = topics.dlq("validate");
+        let one_day = rdkafka::admin::NewTopic::new(&old, 1, rdkafka::admin::TopicReplication::Fixed(1))
+            .set("retention.ms", "86400000");
+        let created = admin.create_topics([&one_day], &AdminOptions::new()).await.expect("create");
+        assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+        let config = common::transport_config(Backend::Kafka, &prefix);
+        let transport = agentbridge_transport::connect(&config).await.expect("kafka");
+        transport.ensure_topics(&[topics.dlq("trigger")]).await.expect("create a dead-letter topic");
+        let risks = transport.configuration_risks().await.expect("describe");
+        assert_eq!(risks.len(), 1, "{risks:?}");
+        assert!(
+            risks[0].starts_with(&format!("Kafka topic {old} keeps messages for 1d (retention.ms=86400000)")),
+            "{risks:?}"
+        );
+        assert!(risks[0].contains("transport.kafka.dead_letter_retention (30d)"), "{risks:?}");
     }
 }

@@ -42,8 +42,7 @@ use agentbridge_trigger_worker::error::reason::CALLBACK_TIMEOUT;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
-const STAGES: [Stage; 6] =
-    [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Meter, Stage::Transport];
+const STAGES: [Stage; 6] = Stage::ALL;
 
 #[derive(Args, Clone)]
 pub struct Filter {

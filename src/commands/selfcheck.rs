@@ -97,23 +97,47 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
     }
     step("claim → duplicate claim refused → commit → duplicate detected; rate limiter admits", t);
 
-    // A store that works today can still break the guarantees at its memory limit (Redis
-    // evicting claims): a pre-deploy check should fail on it, not only log it.
+    // Servers that work today can still break the guarantees later (Redis evicting claims at
+    // its memory limit, Kafka deleting dead letters nobody replayed): a pre-deploy check should
+    // fail on that, not only log it.
     let t = Instant::now();
-    match store.configuration_risks().await {
-        Ok(risks) if risks.is_empty() => step("store configuration: nothing agentbridge keeps can be evicted", t),
-        Ok(risks) => {
-            for risk in &risks {
-                println!("  ✗ {risk}");
-            }
-            bail!("the store's configuration can break agentbridge's guarantees (above)");
+    let (mut risks, mut unchecked) = (Vec::new(), false);
+    match transport.configuration_risks().await {
+        Ok(found) => risks.extend(found),
+        // The broker answered every call above, so this is a refused admin request (ACLs).
+        Err(e) => {
+            unchecked = true;
+            println!(
+                "  ? {} topic settings not checked ({e}): check the dead-letter topics' retention by hand",
+                transport.kind()
+            );
         }
+    }
+    match store.configuration_risks().await {
+        Ok(found) => risks.extend(found),
         // The store answered every call above, so this is a server that refuses `INFO` (a
         // managed Redis's ACLs): not a fault of the plumbing, but the operator must check by hand.
         Err(e) => {
-            println!("  ? store configuration not checked ({e}): make sure Redis runs with maxmemory-policy noeviction")
+            unchecked = true;
+            println!(
+                "  ? store configuration not checked ({e}): make sure Redis runs with maxmemory-policy noeviction"
+            );
         }
     }
+    if !risks.is_empty() {
+        for risk in &risks {
+            println!("  ✗ {risk}");
+        }
+        bail!("the servers' configuration can break agentbridge's guarantees (above)");
+    }
+    step(
+        if unchecked {
+            "server settings: no risk in what could be read"
+        } else {
+            "server settings: nothing agentbridge keeps can be evicted or expire early"
+        },
+        t,
+    );
     println!("ok");
     Ok(ExitCode::SUCCESS)
 }

@@ -25,6 +25,10 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in pipeline order: each has its dead-letter topic `dlq.<stage>`.
+    pub const ALL: [Stage; 6] =
+        [Stage::Normalize, Stage::Trigger, Stage::Validate, Stage::Writeback, Stage::Meter, Stage::Transport];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Stage::Normalize => "normalize",

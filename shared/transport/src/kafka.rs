@@ -89,7 +89,9 @@ use agentbridge_config::TransportConfig;
 use agentbridge_contracts::{Origin, Stage, Topics};
 use async_trait::async_trait;
 use bytes::Bytes;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -141,6 +143,32 @@ const PROTECTED: &[&str] = &[
     "enable.idempotence",
     "acks",
 ];
+
+/// The risk of a dead-letter topic whose `retention.ms` is `retention`, when agentbridge wants
+/// `wanted` ms; `-1` (keep forever) and an unreadable value are not judged.
+fn retention_risk(topic: &str, retention: Option<&str>, wanted: &str) -> Option<String> {
+    let have = retention?.trim().parse::<i64>().ok().filter(|ms| *ms >= 0)?;
+    let want = wanted.parse::<i64>().ok()?;
+    (have < want).then(|| {
+        format!(
+            "Kafka topic {topic} keeps messages for {} (retention.ms={have}), less than \
+             transport.kafka.dead_letter_retention ({}): older dead letters are deleted before anyone \
+             replays them; raise it (kafka-configs --alter --entity-type topics --entity-name {topic} \
+             --add-config retention.ms={want}) or lower dead_letter_retention to what you mean",
+            human_ms(have),
+            human_ms(want)
+        )
+    })
+}
+
+/// Milliseconds as the largest whole unit that divides them (`7d`, `36h`, `90s`, `1500ms`).
+fn human_ms(ms: i64) -> String {
+    const UNITS: [(i64, &str); 4] = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "m"), (1_000, "s")];
+    UNITS
+        .iter()
+        .find(|(unit, _)| ms > 0 && ms % unit == 0)
+        .map_or_else(|| format!("{ms}ms"), |(unit, suffix)| format!("{}{suffix}", ms / unit))
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The guarded maps stay consistent between statements, so a panic elsewhere while holding
@@ -259,6 +287,15 @@ impl KafkaTransport {
         };
         transport.ping().await?;
         tracing::debug!(brokers = %config.kafka.brokers, "connected to Kafka");
+        match transport.configuration_risks().await {
+            Ok(risks) => {
+                for risk in risks {
+                    tracing::warn!(risk = %risk, "Kafka topic settings can break agentbridge's guarantees");
+                }
+            }
+            // Describing configs needs an ACL some clusters do not grant: only the check is lost.
+            Err(e) => tracing::info!(error = %e, "cannot describe the dead-letter topics' configuration; not checked"),
+        }
         Ok(transport)
     }
 }
@@ -300,15 +337,15 @@ impl Inner {
         let new: Vec<NewTopic<'_>> = missing
             .iter()
             .map(|t| {
-                let mut topic = NewTopic::new(t, k.partitions, TopicReplication::Fixed(k.replication_factor));
-                for (name, value) in &k.topic_config {
-                    topic = topic.set(name, value);
-                }
-                // Set last, so it wins over a `retention.ms` meant for the other topics.
+                // One value per name (a broker may keep both of a repeated name): the
+                // dead-letter retention replaces a `retention.ms` meant for the other topics.
+                let mut settings: BTreeMap<&str, &str> =
+                    k.topic_config.iter().map(|(name, value)| (name.as_str(), value.as_str())).collect();
                 if self.topics.is_dead_letter(t) {
-                    topic = topic.set("retention.ms", &dead_letter_retention);
+                    settings.insert("retention.ms", &dead_letter_retention);
                 }
-                topic
+                let topic = NewTopic::new(t, k.partitions, TopicReplication::Fixed(k.replication_factor));
+                settings.into_iter().fold(topic, |topic, (name, value)| topic.set(name, value))
             })
             .collect();
         let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT)).request_timeout(Some(ADMIN_TIMEOUT));
@@ -481,6 +518,34 @@ impl Transport for KafkaTransport {
 
     async fn ensure_topics(&self, topics: &[String]) -> Result<(), TransportError> {
         self.inner.ensure_topics(topics).await
+    }
+
+    /// Existing dead-letter topics that keep messages for less than `dead_letter_retention`:
+    /// created before it was set, or by someone else (`create_topics: false`), they would
+    /// delete dead letters an operator still expects to replay. A topic that does not exist yet
+    /// is not judged: agentbridge creates it with the setting.
+    async fn configuration_risks(&self) -> Result<Vec<String>, TransportError> {
+        let names: Vec<String> = Stage::ALL.iter().map(|s| self.inner.topics.dlq(s.as_str())).collect();
+        let specs: Vec<ResourceSpecifier<'_>> = names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+        let options = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT));
+        let results = self
+            .inner
+            .admin
+            .describe_configs(specs.iter(), &options)
+            .await
+            .map_err(|e| TransportError::Admin(format!("describing the dead-letter topics: {e}")))?;
+        let wanted = ms(self.inner.config.kafka.dead_letter_retention);
+        let mut risks = Vec::new();
+        for result in results {
+            // An unknown topic answers with an error of its own: nothing to judge yet.
+            let Ok(resource) = result else { continue };
+            let OwnedResourceSpecifier::Topic(name) = &resource.specifier else { continue };
+            let retention = resource.get("retention.ms").and_then(|e| e.value.as_deref());
+            if let Some(risk) = retention_risk(name, retention, &wanted) {
+                risks.push(risk);
+            }
+        }
+        Ok(risks)
     }
 
     async fn ping(&self) -> Result<(), TransportError> {
@@ -1106,6 +1171,22 @@ impl OffsetTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dead_letter_retention_shorter_than_wanted_is_a_risk() {
+        let want = ms(Duration::from_secs(30 * 24 * 3600));
+        let risk = retention_risk("p.dlq.trigger", Some("604800000"), &want).expect("7d < 30d");
+        assert!(risk.starts_with("Kafka topic p.dlq.trigger keeps messages for 7d (retention.ms=604800000)"), "{risk}");
+        assert!(risk.contains("dead_letter_retention (30d)") && risk.contains("retention.ms=2592000000"), "{risk}");
+        assert_eq!(retention_risk("t", Some("2592000000"), &want), None, "as wanted");
+        assert_eq!(retention_risk("t", Some("7776000000"), &want), None, "longer");
+        assert_eq!(retention_risk("t", Some("-1"), &want), None, "forever");
+        assert_eq!(retention_risk("t", None, &want), None, "not reported");
+        assert_eq!(retention_risk("t", Some("soon"), &want), None, "unreadable");
+        assert_eq!(human_ms(129_600_000), "36h");
+        assert_eq!(human_ms(1_500), "1500ms");
+        assert_eq!(human_ms(0), "0ms");
+    }
 
     const T: &str = "agentbridge.events";
 

@@ -123,6 +123,13 @@ pub trait Transport: Publisher {
 
     /// Checks the broker is reachable (for `/readyz`).
     async fn ping(&self) -> Result<(), TransportError>;
+
+    /// Settings of existing topics that put the guarantees at risk, each a sentence for an
+    /// operator; empty when there are none (always, where the transport sets nothing per
+    /// topic). Logged when a service connects and checked by `agentbridge self-check`.
+    async fn configuration_risks(&self) -> Result<Vec<String>, TransportError> {
+        Ok(Vec::new())
+    }
 }
 
 /// A group membership yielding deliveries. Dropping it leaves the group; its unacked
