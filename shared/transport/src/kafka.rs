@@ -537,8 +537,13 @@ impl Transport for KafkaTransport {
         let wanted = ms(self.inner.config.kafka.dead_letter_retention);
         let mut risks = Vec::new();
         for result in results {
-            // An unknown topic answers with an error of its own: nothing to judge yet.
-            let Ok(resource) = result else { continue };
+            let resource = match result {
+                Ok(resource) => resource,
+                // Not created yet: agentbridge will create it with the setting.
+                Err(RDKafkaErrorCode::UnknownTopicOrPartition) => continue,
+                // Anything else (an ACL refusal) means the answer is unknown, not "fine".
+                Err(code) => return Err(TransportError::Admin(format!("describing the dead-letter topics: {code}"))),
+            };
             let OwnedResourceSpecifier::Topic(name) = &resource.specifier else { continue };
             let retention = resource.get("retention.ms").and_then(|e| e.value.as_deref());
             if let Some(risk) = retention_risk(name, retention, &wanted) {
