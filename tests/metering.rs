@@ -9,10 +9,12 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentbridge_config::{BudgetConfig, BudgetPeriod, BudgetScope, MeteringConfig, PriceConfig, RedisConfig, Secret};
+use agentbridge_config::{
+    BudgetConfig, BudgetPeriod, BudgetScope, MeteringConfig, PriceConfig, RedisConfig, RetentionConfig, Secret,
+};
 use agentbridge_contracts::{Envelope, RunEvent, RunStage, Topics, UsageRecord, USAGE_EVENT_TYPE};
 use agentbridge_metering::budget::{self, paused_flag, Touched};
-use agentbridge_metering::ledger::{Dimension, UsageFilter};
+use agentbridge_metering::ledger::{Dimension, Pruned, UsageFilter};
 use agentbridge_metering::period::period_of;
 use agentbridge_metering::report::{self, Format};
 use agentbridge_metering::service::Record;
@@ -737,6 +739,189 @@ async fn cli_reports_read_the_ledger(db: Db) {
     h.finish().await;
 }
 
+/// The retention rules of `h`: run events kept `events_days`, usage `usage_days`, two rows per
+/// `DELETE` so a prune takes several statements.
+fn retain(h: &mut Harness, events_days: u64, usage_days: u64) {
+    h.metering.config.retention = RetentionConfig {
+        run_events: Some(Duration::from_secs(events_days * 86_400)),
+        usage_runs: Some(Duration::from_secs(usage_days * 86_400)),
+        interval: Duration::from_secs(3600),
+        delete_batch: 2,
+    };
+}
+
+/// Old usage rows and run events are deleted in small batches, the running totals stay, and
+/// usage redelivered for a run completed before the horizon is refused rather than counted a
+/// second time (its row, the proof it was counted, is gone).
+async fn retention_prunes_and_refuses_usage_past_the_horizon(db: Db) {
+    let mut h = harness(db, one_credit_per_m_output(), Vec::new()).await;
+    retain(&mut h, 1, 64);
+    let now = Utc::now();
+    let days = |n: i64| now - ChronoDuration::days(n);
+    let old: Vec<UsageRecord> = [100, 70, 65]
+        .iter()
+        .enumerate()
+        .map(|(i, d)| usage_worth(&format!("old-{i}"), "triage", days(*d), 2))
+        .collect();
+    let recent = usage_worth("recent", "triage", days(1), 5);
+    let mut records: Vec<Record> = old.iter().chain([&recent]).cloned().map(Record::Usage).collect();
+    for (i, d) in [3, 3, 2, 0].iter().enumerate() {
+        let at = days(*d) - ChronoDuration::minutes(i as i64);
+        records.push(Record::Run(run_event(&format!("ev-{i}"), RunStage::Triggered, at, 1, None)));
+    }
+    h.metering.record(records, now).await.expect("record");
+    let ledger = h.metering.ledger.clone();
+    let day_of = |at: DateTime<Utc>| period_of(BudgetPeriod::Day, at).key;
+    let total_of = |at: DateTime<Utc>| {
+        let ledger = ledger.clone();
+        async move {
+            ledger.period_spend(BudgetScope::Agent, "triage", BudgetPeriod::Day, &day_of(at)).await.expect("totals")
+        }
+    };
+    assert_eq!(total_of(days(70)).await, 2_000_000);
+    assert_eq!(ledger.horizon(Pruned::UsageRuns).await.expect("horizon"), None, "never pruned yet");
+
+    let cancel = CancellationToken::new();
+    let done = h.metering.apply_retention(now, &cancel).await.expect("prune");
+    assert_eq!(done, vec![(Pruned::RunEvents, 3), (Pruned::UsageRuns, 3)]);
+    assert_eq!(ledger.run_count().await.expect("count"), 1, "only the recent run is left");
+    let pruned = |t: &str| h.metering.metrics.pruned.with_label_values(&[t]).get();
+    assert_eq!((pruned("usage_runs"), pruned("run_events")), (3, 3));
+    for key in ["ev-0", "ev-1", "ev-2"] {
+        assert!(ledger.trace(key).await.expect("trace").is_none(), "{key} pruned");
+    }
+    assert!(ledger.trace("ev-3").await.expect("trace").is_some(), "today's event kept");
+    let horizon = ledger.horizon(Pruned::UsageRuns).await.expect("horizon").expect("set");
+    assert!((horizon - days(64)).num_milliseconds().abs() <= 1, "{horizon}");
+    assert_eq!(total_of(days(70)).await, 2_000_000, "running totals are never pruned");
+
+    // Redelivered: the pruned run is refused, the kept one is a plain duplicate, a run just
+    // inside the horizon is new.
+    let inside = usage_worth("inside", "triage", days(63), 1);
+    let again: Vec<Record> = [&old[1], &recent, &inside].into_iter().cloned().map(Record::Usage).collect();
+    let outcome = h.metering.record(again, now).await.expect("redelivery");
+    assert_eq!(outcome.past_retention, vec!["old-1".to_string()]);
+    assert_eq!(outcome.new_runs, vec!["inside".to_string()]);
+    assert_eq!(outcome.duplicates, 1);
+    assert_eq!(total_of(days(70)).await, 2_000_000, "not counted twice");
+    assert_eq!(ledger.run_count().await.expect("count"), 2);
+
+    // A second pass finds nothing; an older cut never moves the horizon back.
+    let done = h.metering.apply_retention(now, &cancel).await.expect("prune again");
+    assert_eq!(done, vec![(Pruned::RunEvents, 0), (Pruned::UsageRuns, 0)]);
+    ledger.prune(Pruned::UsageRuns, days(300), 10, &cancel).await.expect("older cut");
+    assert_eq!(ledger.horizon(Pruned::UsageRuns).await.expect("horizon"), Some(horizon));
+
+    // The CLI says when a statement reaches past the horizon (on stderr: the CSV stays clean),
+    // and why a trace finds nothing.
+    let dir = std::env::temp_dir().join(format!("agentbridge-cli-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("agentbridge.yaml");
+    std::fs::write(&config, format!("metering:\n  ledger_url: '{}'\n", h.db.url)).expect("write config");
+    let cli = |args: &[&str]| common::run_cli(&config, args);
+    let old_month = days(100).format("%Y-%m").to_string();
+    let (ok, csv, err) = cli(&["report", "chargeback", "--period", &old_month, "--format", "csv"]);
+    assert!(ok, "{err}");
+    assert!(err.contains("note: usage completed before") && err.contains("metering.retention.usage_runs"), "{err}");
+    assert!(csv.starts_with("period,") && !csv.contains("note"), "{csv}");
+    let (ok, _, err) = cli(&["report", "chargeback", "--period", &now.format("%Y-%m").to_string()]);
+    assert!(ok && !err.contains("note:"), "this month is inside the horizon: {err}");
+    let (ok, _, err) = cli(&["runs", "trace", "ev-0"]);
+    assert!(!ok && err.contains("run events before") && err.contains("metering.retention.run_events"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+    h.finish().await;
+}
+
+/// The running service prunes at start-up, and usage published for a run completed before the
+/// horizon lands in `dlq.meter` with reason `usage_past_retention`, the original bytes kept.
+async fn service_dead_letters_usage_past_the_horizon(db: Db) {
+    let mut h = harness(db, one_credit_per_m_output(), Vec::new()).await;
+    retain(&mut h, 90, 62);
+    let old = usage_worth("long-ago", "triage", Utc::now() - ChronoDuration::days(80), 4);
+    let recent = usage_worth("lately", "triage", Utc::now() - ChronoDuration::days(3), 1);
+    let records = [&old, &recent].into_iter().cloned().map(Record::Usage).collect();
+    h.metering.record(records, Utc::now()).await.expect("record");
+    let dlq = [h.topics.dlq("meter")];
+    h.transport.declare_group("dlq", &dlq).await.expect("declare dlq group");
+    let cancel = CancellationToken::new();
+    let m = h.metering.clone();
+    let task = tokio::spawn({
+        let cancel = cancel.clone();
+        async move { m.run(cancel).await }
+    });
+    let ledger = h.metering.ledger.clone();
+    eventually("the start-up prune", || {
+        let ledger = ledger.clone();
+        async move { ledger.run_count().await.expect("count") == 1 }
+    })
+    .await;
+    let bytes = usage_envelope(&old).to_vec();
+    h.transport
+        .publish(&h.topics.usage(), Message::new(Some(old.idempotency_key.clone()), bytes.clone()))
+        .await
+        .expect("publish");
+    let mut sub = h.transport.subscribe("dlq", &dlq).await.expect("subscribe dlq");
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("dead letter in time")
+        .expect("some")
+        .expect("ok");
+    let dl = agentbridge_contracts::DeadLetter::from_slice(d.payload()).expect("dead letter record");
+    assert_eq!(dl.reason, "usage_past_retention");
+    assert!(dl.detail.contains("long-ago") && dl.detail.contains("metering.retention.usage_runs"), "{}", dl.detail);
+    assert_eq!(dl.original, bytes);
+    assert_eq!(h.metering.metrics.invalid.with_label_values(&["usage_past_retention"]).get(), 1);
+    assert_eq!(ledger.run_count().await.expect("count"), 1, "not recorded again");
+    cancel.cancel();
+    task.await.expect("join").expect("service ran");
+    h.finish().await;
+}
+
+/// A prune waits for a batch that has read the old horizon: it deletes only after that batch
+/// committed. The batch is played by hand with record_batch's own first statements
+/// (PostgreSQL: a shared lock on the horizon row; SQLite: the write lock).
+async fn prune_waits_for_a_batch_that_read_the_horizon(db: Db) {
+    let h = harness(db, one_credit_per_m_output(), Vec::new()).await;
+    let old = usage_worth("before-cut", "triage", Utc::now() - ChronoDuration::days(100), 1);
+    h.metering.record(vec![Record::Usage(old)], Utc::now()).await.expect("record");
+    let ledger = h.metering.ledger.clone();
+    let horizon_sql = "SELECT pruned_before FROM ledger_horizons WHERE tbl = 'usage_runs'";
+    let mut pg_tx = None;
+    let mut sqlite_tx = None;
+    match &ledger {
+        Ledger::Postgres(pool) => {
+            let mut tx = pool.begin().await.expect("begin");
+            sqlx::query(&format!("{horizon_sql} FOR SHARE")).fetch_one(&mut *tx).await.expect("lock horizon");
+            pg_tx = Some(tx);
+        }
+        Ledger::Sqlite(pool) => {
+            let mut tx = pool.begin_with("BEGIN IMMEDIATE").await.expect("begin");
+            sqlx::query(horizon_sql).fetch_one(&mut *tx).await.expect("read horizon");
+            sqlite_tx = Some(tx);
+        }
+    }
+    let prune = tokio::spawn({
+        let ledger = ledger.clone();
+        async move {
+            let cut = Utc::now() - ChronoDuration::days(62);
+            ledger.prune(Pruned::UsageRuns, cut, 100, &CancellationToken::new()).await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!prune.is_finished(), "the prune waits while the batch is open");
+    assert_eq!(ledger.run_count().await.expect("count"), 1, "nothing deleted under an open batch");
+    if let Some(tx) = pg_tx {
+        tx.commit().await.expect("commit");
+    }
+    if let Some(tx) = sqlite_tx {
+        tx.commit().await.expect("commit");
+    }
+    let deleted = tokio::time::timeout(Duration::from_secs(10), prune).await.expect("prune in time").expect("join");
+    assert_eq!(deleted.expect("prune"), 1);
+    assert_eq!(ledger.run_count().await.expect("count"), 0);
+    h.finish().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite {
@@ -769,4 +954,7 @@ on_both!(
     trace_shows_review_and_dead_letter_paths,
     chargeback_csv_totals_equal_ledger_sum,
     cli_reports_read_the_ledger,
+    retention_prunes_and_refuses_usage_past_the_horizon,
+    service_dead_letters_usage_past_the_horizon,
+    prune_waits_for_a_batch_that_read_the_horizon,
 );

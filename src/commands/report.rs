@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use agentbridge_config::Config;
-use agentbridge_metering::ledger::UsageFilter;
+use agentbridge_metering::ledger::{Pruned, UsageFilter};
 use agentbridge_metering::report::{self, Format, Granularity};
 use agentbridge_metering::{Dimension, Ledger};
 use anyhow::{anyhow, Context};
@@ -68,18 +68,19 @@ pub async fn run(config: Option<&Path>, command: ReportCommand) -> anyhow::Resul
     let now = chrono::Utc::now();
     let instant = |s: &str| report::parse_instant(s, now).map_err(|e| anyhow!(e));
     let ledger = open_ledger(&config).await?;
-    let out = match command {
+    let (out, from) = match command {
         ReportCommand::Chargeback { period, by, format } => {
             let by: Dimension = by.parse().map_err(|e: String| anyhow!(e))?;
             let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
             let c = report::chargeback(&ledger, &period, by).await.map_err(|e| anyhow!(e))?;
-            report::render_chargeback(&c, format)
+            (report::render_chargeback(&c, format), c.from)
         }
         ReportCommand::Usage { agent, since, until, format } => {
             let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
             let until = until.as_deref().map(instant).transpose()?;
-            let r = report::usage(&ledger, &agent, Some(instant(&since)?), until).await?;
-            report::render_usage(&r, format)
+            let since = instant(&since)?;
+            let r = report::usage(&ledger, &agent, Some(since), until).await?;
+            (report::render_usage(&r, format), since)
         }
         ReportCommand::Aggregate { by, granularity, since, until, format } => {
             let by: Dimension = by.parse().map_err(|e: String| anyhow!(e))?;
@@ -90,10 +91,21 @@ pub async fn run(config: Option<&Path>, command: ReportCommand) -> anyhow::Resul
                 until: until.as_deref().map(instant).transpose()?,
                 ..Default::default()
             };
+            let since = filter.since.unwrap_or(now);
             let rows = report::aggregates(&ledger, &filter, by, granularity).await?;
-            report::render_aggregates(&rows, by, format)
+            (report::render_aggregates(&rows, by, format), since)
         }
     };
+    // On stderr, so CSV and JSON stay machine-readable.
+    if let Some(horizon) = ledger.horizon(Pruned::UsageRuns).await? {
+        if from < horizon {
+            eprintln!(
+                "note: usage completed before {} was deleted by metering.retention.usage_runs; this report \
+                 covers only what the ledger still holds",
+                horizon.format("%Y-%m-%d %H:%M:%S UTC")
+            );
+        }
+    }
     ledger.close().await;
     print!("{out}");
     if !out.ends_with('\n') {

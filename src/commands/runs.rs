@@ -4,6 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use agentbridge_config::Config;
+use agentbridge_metering::ledger::Pruned;
 use agentbridge_metering::report::{self, Format};
 use anyhow::anyhow;
 use clap::Subcommand;
@@ -27,6 +28,10 @@ pub async fn run(config: Option<&Path>, command: RunsCommand) -> anyhow::Result<
     let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
     let ledger = super::report::open_ledger(&config).await?;
     let trace = ledger.trace(&id).await?;
+    let horizon = match trace {
+        Some(_) => None,
+        None => ledger.horizon(Pruned::RunEvents).await?,
+    };
     ledger.close().await;
     match trace {
         Some(t) => {
@@ -35,6 +40,12 @@ pub async fn run(config: Option<&Path>, command: RunsCommand) -> anyhow::Result<
         }
         None => {
             eprintln!("no run, source event or idempotency key `{id}` in the ledger");
+            if let Some(h) = horizon {
+                eprintln!(
+                    "run events before {} were deleted by metering.retention.run_events",
+                    h.format("%Y-%m-%d %H:%M:%S UTC")
+                );
+            }
             Ok(ExitCode::FAILURE)
         }
     }

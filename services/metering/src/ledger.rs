@@ -11,10 +11,10 @@
 //! event is keyed by `idempotency_key|stage|attempt|at`. Both are written in one transaction per
 //! batch, and the consumer acks only after it committed.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
-
-use std::collections::BTreeMap;
 
 use agentbridge_config::{BudgetPeriod, BudgetScope, MicroCredits};
 use agentbridge_contracts::{RunEvent, UsageRecord};
@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row};
+use tokio_util::sync::CancellationToken;
 
 use crate::pricing::Priced;
 
@@ -179,6 +180,59 @@ pub struct Trace {
     pub steps: Vec<TraceStep>,
 }
 
+/// What [`Ledger::record_batch`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recorded {
+    /// Run ids recorded now; the other accepted ones were redeliveries.
+    pub inserted: Vec<String>,
+    /// Run ids refused: completed before the usage horizon, so a row that would show them
+    /// already counted may have been pruned.
+    pub past_horizon: Vec<String>,
+}
+
+/// A table the retention rules prune.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pruned {
+    /// Usage rows, by `completed_at`.
+    UsageRuns,
+    /// Run lifecycle events, by `at`.
+    RunEvents,
+}
+
+impl Pruned {
+    pub fn table(self) -> &'static str {
+        match self {
+            Pruned::UsageRuns => "usage_runs",
+            Pruned::RunEvents => "run_events",
+        }
+    }
+    fn key_column(self) -> &'static str {
+        match self {
+            Pruned::UsageRuns => "run_id",
+            Pruned::RunEvents => "event_key",
+        }
+    }
+    fn time_column(self) -> &'static str {
+        match self {
+            Pruned::UsageRuns => "completed_at",
+            Pruned::RunEvents => "at",
+        }
+    }
+}
+
+const HORIZON_OF_USAGE: &str = "SELECT pruned_before FROM ledger_horizons WHERE tbl = 'usage_runs'";
+
+/// The usage to record and the run ids refused for completing before `horizon`; borrows the
+/// batch unless something is refused (the usual case).
+fn split_at_horizon(usage: &[PricedUsage], horizon: DateTime<Utc>) -> (Cow<'_, [PricedUsage]>, Vec<String>) {
+    if usage.iter().all(|p| p.usage.completed_at >= horizon) {
+        return (Cow::Borrowed(usage), Vec::new());
+    }
+    let (kept, late): (Vec<PricedUsage>, Vec<PricedUsage>) =
+        usage.iter().cloned().partition(|p| p.usage.completed_at >= horizon);
+    (Cow::Owned(kept), late.into_iter().map(|p| p.usage.run_id).collect())
+}
+
 /// A claimed-or-existing alert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AlertState {
@@ -264,25 +318,41 @@ impl Ledger {
         Ok(())
     }
 
-    /// Records a batch in one transaction; returns the run ids that were new (the others were
-    /// redeliveries and changed nothing).
-    pub async fn record_batch(&self, usage: &[PricedUsage], events: &[RunEvent]) -> Result<Vec<String>, LedgerError> {
+    /// Records a batch in one transaction: the run ids that were new (the others were
+    /// redeliveries and changed nothing), and those refused because their run completed before
+    /// the usage horizon (see [`Ledger::prune`]).
+    pub async fn record_batch(&self, usage: &[PricedUsage], events: &[RunEvent]) -> Result<Recorded, LedgerError> {
         let now = Utc::now();
         let mut inserted = Vec::new();
+        let past_horizon;
         match self {
             Ledger::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
+                // Shared lock on the horizon row: a prune's UPDATE of it waits until this batch
+                // committed, and deletes only after that (migration 0002).
+                let horizon: DateTime<Utc> = sqlx::query(&format!("{HORIZON_OF_USAGE} FOR SHARE"))
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("pruned_before")?;
+                let (usage, late) = split_at_horizon(usage, horizon);
+                past_horizon = late;
                 for chunk in usage.chunks(5000) {
                     inserted.extend(pg_insert_usage(&mut tx, chunk, now).await?);
                 }
                 for chunk in events.chunks(1000) {
                     insert_events_pg(&mut tx, chunk, now).await?;
                 }
-                add_totals_pg(&mut tx, &totals_of(usage, &inserted)).await?;
+                add_totals_pg(&mut tx, &totals_of(&usage, &inserted)).await?;
                 tx.commit().await?;
             }
             Ledger::Sqlite(pool) => {
-                let mut tx = pool.begin().await?;
+                // The write lock first: no prune can commit between the horizon read and the
+                // inserts (SQLite has one writer).
+                let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let horizon: DateTime<Utc> =
+                    sqlx::query(HORIZON_OF_USAGE).fetch_one(&mut *tx).await?.try_get("pruned_before")?;
+                let (usage, late) = split_at_horizon(usage, horizon);
+                past_horizon = late;
                 // 24 columns × 1000 rows stays below SQLite's 32766 bound parameters.
                 for chunk in usage.chunks(1000) {
                     inserted.extend(sqlite_insert_usage(&mut tx, chunk, now).await?);
@@ -290,11 +360,60 @@ impl Ledger {
                 for chunk in events.chunks(1000) {
                     insert_events_sqlite(&mut tx, chunk, now).await?;
                 }
-                add_totals_sqlite(&mut tx, &totals_of(usage, &inserted)).await?;
+                add_totals_sqlite(&mut tx, &totals_of(&usage, &inserted)).await?;
                 tx.commit().await?;
             }
         }
-        Ok(inserted)
+        Ok(Recorded { inserted, past_horizon })
+    }
+
+    /// How far `table` has been pruned: rows older than this may be gone. `None` until the
+    /// first prune.
+    pub async fn horizon(&self, table: Pruned) -> Result<Option<DateTime<Utc>>, LedgerError> {
+        let sql = "SELECT pruned_before FROM ledger_horizons WHERE tbl = $1";
+        let at: Option<DateTime<Utc>> = on_pool!(self, pool => {
+            let row = sqlx::query(sql).bind(table.table()).fetch_optional(pool).await?;
+            row.map(|r| r.try_get("pruned_before")).transpose()?
+        });
+        Ok(at.filter(|t| t.timestamp() > 0))
+    }
+
+    /// Deletes `table`'s rows older than `before`, at most `batch` per statement (each its own
+    /// transaction, so a large backlog never holds locks for long), until none is left or
+    /// `cancel` fires; returns how many were deleted.
+    ///
+    /// The horizon is moved to `before` first (never back) and committed, and only then are
+    /// rows deleted. Why: once a usage row is gone, a redelivery of it would no longer hit the
+    /// primary key and would be counted again; a batch that reads the new horizon refuses it
+    /// instead, and a batch that read the old one has committed before the horizon could move
+    /// (PostgreSQL: its shared row lock; SQLite: one writer).
+    pub async fn prune(
+        &self,
+        table: Pruned,
+        before: DateTime<Utc>,
+        batch: u32,
+        cancel: &CancellationToken,
+    ) -> Result<u64, LedgerError> {
+        let advance = match self {
+            Ledger::Postgres(_) => {
+                "UPDATE ledger_horizons SET pruned_before = GREATEST(pruned_before, $1) WHERE tbl = $2"
+            }
+            Ledger::Sqlite(_) => "UPDATE ledger_horizons SET pruned_before = MAX(pruned_before, $1) WHERE tbl = $2",
+        };
+        on_pool!(self, pool => { sqlx::query(advance).bind(before).bind(table.table()).execute(pool).await?; });
+        let (t, key, time) = (table.table(), table.key_column(), table.time_column());
+        let delete = format!("DELETE FROM {t} WHERE {key} IN (SELECT {key} FROM {t} WHERE {time} < $1 LIMIT $2)");
+        let mut deleted = 0;
+        while !cancel.is_cancelled() {
+            let n = on_pool!(self, pool => {
+                sqlx::query(&delete).bind(before).bind(i64::from(batch.max(1))).execute(pool).await?.rows_affected()
+            });
+            deleted += n;
+            if n < u64::from(batch.max(1)) {
+                break;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Credits spent by the scope in one budget period, from the running totals (one row).

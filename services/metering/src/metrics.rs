@@ -3,7 +3,7 @@
 //! from the budget list; never a run or event id.
 
 use prometheus::{
-    exponential_buckets, CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    exponential_buckets, CounterVec, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
 /// Every metering metric, registered into the registry passed to [`Metrics::new`].
@@ -31,6 +31,10 @@ pub struct Metrics {
     pub invalid: IntCounterVec,
     /// Time to write one batch and evaluate budgets.
     pub batch_seconds: HistogramVec,
+    /// Ledger rows deleted by the retention rules, by table.
+    pub pruned: IntCounterVec,
+    /// Retention passes that failed (retried at the next interval).
+    pub prune_failures: IntCounter,
 }
 
 const DIMENSIONS: [&str; 4] = ["agent", "business_process", "cost_center", "environment"];
@@ -85,7 +89,10 @@ impl Metrics {
                 &["budget"],
             )?,
             invalid: IntCounterVec::new(
-                Opts::new("agentbridge_metering_invalid_total", "Deliveries dead-lettered as invalid"),
+                Opts::new(
+                    "agentbridge_metering_invalid_total",
+                    "Deliveries dead-lettered (unreadable, or usage past the retention horizon), by reason",
+                ),
                 &["reason"],
             )?,
             batch_seconds: HistogramVec::new(
@@ -95,6 +102,14 @@ impl Metrics {
                 )
                 .buckets(exponential_buckets(0.001, 2.0, 14)?),
                 &["backend"],
+            )?,
+            pruned: IntCounterVec::new(
+                Opts::new("agentbridge_metering_pruned_rows_total", "Ledger rows deleted by metering.retention"),
+                &["table"],
+            )?,
+            prune_failures: IntCounter::new(
+                "agentbridge_metering_prune_failures_total",
+                "Retention passes over the ledger that failed",
             )?,
         };
         registry.register(Box::new(m.credits.clone()))?;
@@ -108,6 +123,8 @@ impl Metrics {
         registry.register(Box::new(m.budget_pauses.clone()))?;
         registry.register(Box::new(m.invalid.clone()))?;
         registry.register(Box::new(m.batch_seconds.clone()))?;
+        registry.register(Box::new(m.pruned.clone()))?;
+        registry.register(Box::new(m.prune_failures.clone()))?;
         Ok(m)
     }
 }

@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{AlertSpec, Alerter, Budgets, Evaluation, Touched, PRICE_MISSING_ALERT_TYPE};
-use crate::ledger::{Ledger, PricedUsage};
+use crate::ledger::{Ledger, LedgerError, PricedUsage, Pruned};
 use crate::metrics::Metrics;
 use crate::pricing::PriceBook;
 
@@ -78,6 +78,9 @@ pub struct BatchOutcome {
     pub duplicates: usize,
     pub run_events: usize,
     pub budgets: Evaluation,
+    /// Run ids whose usage was refused: completed before the ledger's usage horizon
+    /// (`metering.retention.usage_runs`); their deliveries are dead-lettered, not counted.
+    pub past_retention: Vec<String>,
 }
 
 /// The metering core: pricing, ledger, metrics and budgets. [`Metering::record`] is the whole
@@ -135,14 +138,20 @@ impl Metering {
         let mut seen = HashSet::new();
         let (usage, in_batch): (Vec<PricedUsage>, Vec<PricedUsage>) =
             usage.into_iter().partition(|p| seen.insert(p.usage.run_id.clone()));
-        let new_runs = self.ledger.record_batch(&usage, &events).await.context("record batch in the ledger")?;
+        let recorded = self.ledger.record_batch(&usage, &events).await.context("record batch in the ledger")?;
+        let new_runs = recorded.inserted;
+        let past: HashSet<&str> = recorded.past_horizon.iter().map(String::as_str).collect();
         let new: HashSet<&str> = new_runs.iter().map(String::as_str).collect();
-        let mut duplicates = in_batch.len();
-        for p in &in_batch {
+        let mut duplicates = 0;
+        for p in in_batch.iter().filter(|p| !past.contains(p.usage.run_id.as_str())) {
+            duplicates += 1;
             self.metrics.duplicates.with_label_values(&[&p.usage.agent]).inc();
         }
         for p in &usage {
             let u = &p.usage;
+            if past.contains(u.run_id.as_str()) {
+                continue;
+            }
             if !new.contains(u.run_id.as_str()) {
                 duplicates += 1;
                 self.metrics.duplicates.with_label_values(&[&u.agent]).inc();
@@ -155,6 +164,7 @@ impl Metering {
         }
         let touched: Vec<Touched> = usage
             .iter()
+            .filter(|p| !past.contains(p.usage.run_id.as_str()))
             .map(|p| Touched {
                 agent: p.usage.agent.clone(),
                 business_process: p.usage.business_process.clone(),
@@ -163,7 +173,8 @@ impl Metering {
             .collect();
         let budgets = self.budgets.evaluate(&touched, now).await.context("evaluate budgets")?;
         self.metrics.batch_seconds.with_label_values(&[self.ledger.backend()]).observe(started.elapsed().as_secs_f64());
-        Ok(BatchOutcome { new_runs, duplicates, run_events: events.len(), budgets })
+        let past_retention = recorded.past_horizon.clone();
+        Ok(BatchOutcome { new_runs, duplicates, run_events: events.len(), budgets, past_retention })
     }
 
     fn observe(&self, p: &PricedUsage) {
@@ -236,6 +247,9 @@ impl Metering {
                  price_missing, so no budget can trip"
             );
         }
+        // Pruning runs beside the consumer; it stops with it.
+        let retention_cancel = cancel.child_token();
+        let retention = tokio::spawn(self.clone().retention_loop(retention_cancel.clone()));
         let mut failures = 0u32;
         loop {
             let first = tokio::select! {
@@ -256,6 +270,10 @@ impl Metering {
             }
             let ok = self.handle(batch, failures).await;
             failures = if ok { 0 } else { failures.saturating_add(1) };
+        }
+        retention_cancel.cancel();
+        if let Err(e) = retention.await {
+            tracing::warn!(error = %e, "the retention task ended abnormally");
         }
         tracing::info!("metering stopped");
         Ok(())
@@ -296,17 +314,34 @@ impl Metering {
             }
             return true;
         }
+        // Each delivery's usage (run id, completion), to find the ones refused below.
+        let usage_of: Vec<Option<(String, DateTime<Utc>)>> = records
+            .iter()
+            .map(|r| match r {
+                Record::Usage(u) => Some((u.run_id.clone(), u.completed_at)),
+                Record::Run(_) => None,
+            })
+            .collect();
         match self.record(records, Utc::now()).await {
             Ok(outcome) => {
                 tracing::debug!(
                     new = outcome.new_runs.len(),
                     duplicates = outcome.duplicates,
                     events = outcome.run_events,
+                    past_retention = outcome.past_retention.len(),
                     "batch recorded"
                 );
-                for d in deliveries {
-                    if let Err(e) = d.ack().await {
-                        tracing::warn!(error = %e, "ack failed; the broker redelivers (recorded once)");
+                let past: HashSet<&str> = outcome.past_retention.iter().map(String::as_str).collect();
+                for (d, usage) in deliveries.into_iter().zip(usage_of) {
+                    match usage {
+                        Some((run_id, completed_at)) if past.contains(run_id.as_str()) => {
+                            self.refuse_past_retention(d, &run_id, completed_at).await;
+                        }
+                        _ => {
+                            if let Err(e) = d.ack().await {
+                                tracing::warn!(error = %e, "ack failed; the broker redelivers (recorded once)");
+                            }
+                        }
                     }
                 }
                 true
@@ -329,6 +364,71 @@ impl Metering {
         }
     }
 }
+
+impl Metering {
+    /// Dead-letters usage whose run completed before the usage horizon: its ledger row, if it
+    /// ever had one, may have been pruned, so counting it could count it twice.
+    async fn refuse_past_retention(&self, d: Delivery, run_id: &str, completed_at: DateTime<Utc>) {
+        let reason = PAST_RETENTION;
+        let detail = format!(
+            "run `{run_id}` completed at {} (UTC), before the ledger's usage horizon: usage rows that old are \
+             pruned (metering.retention.usage_runs), so whether this run was already counted cannot be checked; \
+             not counted",
+            completed_at.format("%Y-%m-%d %H:%M:%S")
+        );
+        self.metrics.invalid.with_label_values(&[reason]).inc();
+        tracing::warn!(reason, run_id, %completed_at, "usage past the retention horizon; dead-lettering it");
+        if let Err(e) = d.dead_letter(&self.topics, Stage::Meter, reason, &detail, SERVICE).await {
+            tracing::warn!(error = %e, "dead letter not confirmed; the broker redelivers");
+        }
+    }
+
+    /// Applies `metering.retention` now: each configured rule deletes what is older than its
+    /// age. Returns the rows deleted per table.
+    pub async fn apply_retention(
+        &self,
+        now: DateTime<Utc>,
+        cancel: &CancellationToken,
+    ) -> Result<Vec<(Pruned, u64)>, LedgerError> {
+        let r = &self.config.retention;
+        let mut done = Vec::new();
+        for (table, keep) in [(Pruned::RunEvents, r.run_events), (Pruned::UsageRuns, r.usage_runs)] {
+            let Some(keep) = keep else { continue };
+            let Ok(keep) = chrono::Duration::from_std(keep) else { continue };
+            let before = now - keep;
+            let started = Instant::now();
+            let n = self.ledger.prune(table, before, r.delete_batch, cancel).await?;
+            self.metrics.pruned.with_label_values(&[table.table()]).inc_by(n);
+            if n > 0 {
+                tracing::info!(table = table.table(), rows = n, %before, took = ?started.elapsed(), "ledger rows pruned");
+            }
+            done.push((table, n));
+        }
+        Ok(done)
+    }
+
+    /// Applies the retention rules at start and then every `retention.interval` until
+    /// `cancel`. A failed pass is logged and counted, and the next one tries again.
+    async fn retention_loop(self, cancel: CancellationToken) {
+        let r = &self.config.retention;
+        if r.run_events.is_none() && r.usage_runs.is_none() {
+            return;
+        }
+        loop {
+            if let Err(e) = self.apply_retention(Utc::now(), &cancel).await {
+                self.metrics.prune_failures.inc();
+                tracing::warn!(error = %e, retry_in = ?r.interval, "ledger retention pass failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(r.interval) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// The dead-letter reason of usage refused by [`Metering::refuse_past_retention`].
+pub const PAST_RETENTION: &str = "usage_past_retention";
 
 /// Builds everything from the configuration and runs until `cancel`: the consumer and the ops
 /// server (`/metrics`, `/healthz`, `/readyz`).

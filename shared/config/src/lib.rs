@@ -19,7 +19,9 @@ pub mod trigger;
 
 pub use condition::Condition;
 pub use duration::{parse_duration, serde_duration};
-pub use metering::{BudgetConfig, BudgetPeriod, BudgetScope, MeteringConfig, MicroCredits, PriceConfig};
+pub use metering::{
+    BudgetConfig, BudgetPeriod, BudgetScope, MeteringConfig, MicroCredits, PriceConfig, RetentionConfig,
+};
 pub use pipeline::{
     AgentConfig, AgentParameters, CoupaPollerConfig, FieldRule, IngressAuth, MappingConfig, NormalizerConfig,
     RouteConfig, SensitiveAction, SignatureEncoding, SourceConfig, SourceKind, Transform,

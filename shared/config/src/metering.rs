@@ -45,6 +45,9 @@ pub struct MeteringConfig {
     /// Budgets that alert at soft thresholds and may pause agents at a hard cap.
     #[serde(default)]
     pub budgets: Vec<BudgetConfig>,
+    /// How long the ledger keeps its rows.
+    #[serde(default)]
+    pub retention: RetentionConfig,
 }
 
 impl Default for MeteringConfig {
@@ -59,6 +62,7 @@ impl Default for MeteringConfig {
             precheck_window: default_precheck_window(),
             prices: Vec::new(),
             budgets: Vec::new(),
+            retention: RetentionConfig::default(),
         }
     }
 }
@@ -83,6 +87,56 @@ fn default_flush_interval() -> Duration {
 }
 fn default_precheck_window() -> u32 {
     1000
+}
+
+/// Shortest `retention.usage_runs`: the current and the previous calendar month stay whole, so
+/// every monthly chargeback a finance team can still be closing is complete.
+pub const MIN_USAGE_RETENTION: Duration = Duration::from_secs(62 * 86_400);
+/// Shortest `retention.run_events`: a day of lifecycle events for `agentbridge runs trace`.
+pub const MIN_RUN_EVENT_RETENTION: Duration = Duration::from_secs(86_400);
+
+/// What the metering service deletes from the ledger, and how. Each rule is optional (`null`
+/// keeps rows forever). Why per table: lifecycle events are the bulk (several per business
+/// event) and serve tracing, so they expire; usage rows are the financial record, so they are
+/// kept unless finance decides otherwise. The running budget totals are never deleted.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Delete run lifecycle events older than this (default 90d; at least 1 day).
+    #[serde(default = "default_run_events_retention", with = "crate::serde_duration::option")]
+    pub run_events: Option<Duration>,
+    /// Delete usage rows completed longer ago than this (default: keep; at least 62 days). Usage
+    /// for a run completed before the pruned horizon is then refused (dead-lettered as
+    /// `usage_past_retention`), because whether it was already counted can no longer be checked.
+    #[serde(default, with = "crate::serde_duration::option")]
+    pub usage_runs: Option<Duration>,
+    /// How often the rules are applied (default 1h; the first pass runs at start-up).
+    #[serde(default = "default_retention_interval", with = "serde_duration")]
+    pub interval: Duration,
+    /// Rows removed per `DELETE` (default 5000), so a large backlog never holds locks long.
+    #[serde(default = "default_delete_batch")]
+    pub delete_batch: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            run_events: default_run_events_retention(),
+            usage_runs: None,
+            interval: default_retention_interval(),
+            delete_batch: default_delete_batch(),
+        }
+    }
+}
+
+fn default_run_events_retention() -> Option<Duration> {
+    Some(Duration::from_secs(90 * 86_400))
+}
+fn default_retention_interval() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_delete_batch() -> u32 {
+    5000
 }
 
 /// One model's price from a date on. Prices are decimal credits per million tokens, read
@@ -261,6 +315,22 @@ pub(crate) fn validate_metering(config: &Config, p: &mut Vec<Problem>) {
     if m.precheck_window == 0 {
         p.push(Problem::new("metering.precheck_window", "must be at least 1"));
     }
+    let r = &m.retention;
+    if r.run_events.is_some_and(|d| d < MIN_RUN_EVENT_RETENTION) {
+        p.push(Problem::new("metering.retention.run_events", "must be at least 1d (or null to keep them)"));
+    }
+    if r.usage_runs.is_some_and(|d| d < MIN_USAGE_RETENTION) {
+        p.push(Problem::new(
+            "metering.retention.usage_runs",
+            "must be at least 62d, so this and last month's chargeback stay complete (or null to keep them)",
+        ));
+    }
+    if r.interval.is_zero() {
+        p.push(Problem::new("metering.retention.interval", "must be greater than zero"));
+    }
+    if !(1..=100_000).contains(&r.delete_batch) {
+        p.push(Problem::new("metering.retention.delete_batch", "must be between 1 and 100000"));
+    }
     let mut seen_prices = std::collections::HashSet::new();
     for (i, price) in m.prices.iter().enumerate() {
         if price.model.trim().is_empty() {
@@ -382,5 +452,35 @@ metering:
         )
         .expect_err("too precise");
         assert!(err.to_string().starts_with("metering.prices[0].input_per_million:"), "{err}");
+    }
+
+    #[test]
+    fn retention_defaults_nulls_and_floors() {
+        let c = Config::from_layers("", Vec::new()).expect("defaults");
+        let r = &c.metering.retention;
+        assert_eq!(r.run_events, Some(Duration::from_secs(90 * 86_400)));
+        assert_eq!(r.usage_runs, None, "usage is the financial record: kept unless configured");
+        let yaml = "metering:\n  retention: {run_events: null, usage_runs: 400d, interval: 10m}\n";
+        let c = Config::from_layers(yaml, Vec::new()).expect("valid");
+        assert_eq!(c.metering.retention.run_events, None);
+        assert_eq!(c.metering.retention.usage_runs, Some(Duration::from_secs(400 * 86_400)));
+        let yaml = "metering:\n  retention: {run_events: 1h, usage_runs: 30d, interval: 0s, delete_batch: 0}\n";
+        match Config::from_layers(yaml, Vec::new()) {
+            Err(ConfigError::Validation(p)) => {
+                let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
+                assert_eq!(
+                    keys,
+                    [
+                        "metering.retention.run_events",
+                        "metering.retention.usage_runs",
+                        "metering.retention.interval",
+                        "metering.retention.delete_batch",
+                    ]
+                );
+            }
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+        let err = Config::from_layers("metering:\n  retention: {usage_runs: 90}\n", Vec::new()).expect_err("no unit");
+        assert!(err.to_string().contains("has no unit"), "{err}");
     }
 }
