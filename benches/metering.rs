@@ -6,7 +6,10 @@
 //!    copy of the table (same keys and indexes), the baseline; plain and metering batches
 //!    alternate and are timed separately;
 //! 3. the same events recorded again (all redeliveries: the idempotent no-op path);
-//! 4. `report chargeback` over 1M runs of one month (rows made with `generate_series`).
+//! 4. `report chargeback` over 1M runs of one month (rows made with `generate_series`);
+//! 5. retention: `Ledger::prune` of the runs completed before 2026-11-16 (about 0.7M of the
+//!    1.2M rows), batches of 5000, beside one plain `DELETE ... WHERE completed_at < cut` on an
+//!    identical copy of the table (same rows, keys and indexes) made just before.
 //!
 //! Goals: ≥ 20k usage events/s, ≥ 60 % of the plain insert rate, chargeback < 2 s.
 //!
@@ -235,6 +238,40 @@ async fn main() {
     }
     let (runs, lines) = statement.expect("ran");
     println!("  chargeback 2026-11 by cost_center over {runs} runs: {:.3} s ({} CSV lines)", best.as_secs_f64(), lines);
+
+    // Retention: the copy first (so both tables are equally warm), then the plain DELETE, then
+    // the batched prune.
+    let cut = Utc.with_ymd_and_hms(2026, 11, 16, 0, 0, 0).single().expect("time");
+    sqlx::query("CREATE TABLE plain_prune (LIKE usage_runs INCLUDING ALL)").execute(&pool).await.expect("copy table");
+    sqlx::query("INSERT INTO plain_prune SELECT * FROM usage_runs").execute(&pool).await.expect("copy rows");
+    sqlx::query("ANALYZE plain_prune").execute(&pool).await.expect("analyze");
+    let start = Instant::now();
+    let plain_deleted = sqlx::query("DELETE FROM plain_prune WHERE completed_at < $1")
+        .bind(cut)
+        .execute(&pool)
+        .await
+        .expect("plain delete")
+        .rows_affected();
+    let plain_delete = start.elapsed();
+    let start = Instant::now();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let pruned =
+        ledger.prune(agentbridge_metering::ledger::Pruned::UsageRuns, cut, 5000, &cancel).await.expect("prune");
+    let prune = start.elapsed();
+    assert_eq!(pruned, plain_deleted, "the prune deletes what the plain DELETE deletes");
+    let (plain_prune_rate, prune_rate) = (rate(plain_deleted as usize, plain_delete), rate(pruned as usize, prune));
+    println!(
+        "  plain DELETE (one statement)  {:>10.0} rows/s   ({} rows, {:.2} s)",
+        plain_prune_rate,
+        plain_deleted,
+        plain_delete.as_secs_f64()
+    );
+    println!(
+        "  retention prune (5000/batch)  {:>10.0} rows/s   ({:.2} s)  = {:.0} % of plain",
+        prune_rate,
+        prune.as_secs_f64(),
+        prune_rate / plain_prune_rate * 100.0
+    );
 
     let ok_rate = ours_rate >= 20_000.0;
     let ok_ratio = ours_rate >= 0.6 * plain_rate;

@@ -22,6 +22,55 @@ use tokio::time::Instant;
 enum Backend {
     Memory,
     Redis,
+    /// Redis reached as the least-privilege user of `deploy/redis-users.acl`.
+    RedisAcl,
+}
+
+/// The documented least-privilege user, its key pattern moved to `prefix`: created in Redis
+/// and deleted on drop. Returns the URL to reach Redis as it, or `None` when the test Redis is
+/// already reached with credentials (a user cannot be spliced into such a URL).
+struct AclUser {
+    name: String,
+}
+
+impl AclUser {
+    fn create(prefix: &str) -> Option<(AclUser, String)> {
+        Self::create_without(prefix, &[])
+    }
+
+    /// The documented user without the rules in `dropped` (to see how a refusal reads).
+    fn create_without(prefix: &str, dropped: &[&str]) -> Option<(AclUser, String)> {
+        let url = redis_url();
+        let rest = url.strip_prefix("redis://").filter(|r| !r.contains('@'))?.to_string();
+        let acl = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/redis-users.acl"))
+            .expect("deploy/redis-users.acl");
+        let line = acl.lines().find(|l| l.starts_with("user ")).expect("a user line");
+        let name = format!("abtest-acl-{}", unique_prefix().trim_end_matches('.'));
+        let password = "contract-pw";
+        let rules: Vec<String> = line
+            .split_whitespace()
+            .skip(2)
+            .filter(|rule| !dropped.contains(rule))
+            .map(|rule| match rule {
+                r if r.starts_with('>') => format!(">{password}"),
+                "~agentbridge:*" => format!("~{prefix}*"),
+                r => r.to_string(),
+            })
+            .collect();
+        assert!(rules.iter().any(|r| *r == format!("~{prefix}*")), "the file's key pattern is ~agentbridge:*");
+        let mut conn = ::redis::Client::open(url.as_str()).expect("redis url").get_connection().expect("redis");
+        let _: () = ::redis::cmd("ACL").arg("SETUSER").arg(&name).arg(&rules).query(&mut conn).expect("ACL SETUSER");
+        Some((AclUser { name: name.clone() }, format!("redis://{name}:{password}@{rest}")))
+    }
+}
+
+impl Drop for AclUser {
+    fn drop(&mut self) {
+        let client = ::redis::Client::open(redis_url()).expect("redis url");
+        if let Ok(mut conn) = client.get_connection() {
+            let _: Result<i64, _> = ::redis::cmd("ACL").arg("DELUSER").arg(&self.name).query(&mut conn);
+        }
+    }
 }
 
 fn redis_config(url: &str, key_prefix: &str, timeout: Duration) -> RedisConfig {
@@ -34,30 +83,42 @@ struct Ctx {
     b: Arc<dyn Store>,
     prefix: String,
     backend: Backend,
+    _acl: Option<AclUser>,
 }
 
 impl Ctx {
     async fn new(backend: Backend) -> Self {
         let prefix = format!("abtest:{}", unique_prefix());
-        let config = |kind| StoreConfig { kind, redis: redis_config(&redis_url(), &prefix, Duration::from_secs(2)) };
+        let (acl, url) = match backend {
+            Backend::RedisAcl => match AclUser::create(&prefix) {
+                Some((user, url)) => (Some(user), url),
+                None => (None, redis_url()),
+            },
+            _ => (None, redis_url()),
+        };
+        let config = |kind| StoreConfig { kind, redis: redis_config(&url, &prefix, Duration::from_secs(2)) };
         let (a, b) = match backend {
             Backend::Memory => {
                 let a = agentbridge_store::connect(&config(StoreKind::Memory)).await.expect("memory store");
                 (a.clone(), a)
             }
-            Backend::Redis => (
+            Backend::Redis | Backend::RedisAcl => (
                 agentbridge_store::connect(&config(StoreKind::Redis)).await.expect("redis store a"),
                 agentbridge_store::connect(&config(StoreKind::Redis)).await.expect("redis store b"),
             ),
         };
         let expected = match backend {
             Backend::Memory => "memory",
-            Backend::Redis => "redis",
+            Backend::Redis | Backend::RedisAcl => "redis",
         };
         assert_eq!(a.kind(), expected);
         a.ping().await.expect("ping a");
         b.ping().await.expect("ping b");
-        Self { a, b, prefix, backend }
+        if acl.is_some() {
+            // The least-privilege user can read the policy too (`+info`).
+            a.configuration_risks().await.expect("INFO as the ACL user");
+        }
+        Self { a, b, prefix, backend, _acl: acl }
     }
 
     /// Client `i % 2`, to spread concurrent callers over both.
@@ -70,7 +131,7 @@ impl Ctx {
 
     /// Deletes what the test left in Redis (flags and deadlines have no TTL).
     async fn cleanup(self) {
-        if self.backend != Backend::Redis {
+        if self.backend == Backend::Memory {
             return;
         }
         delete_redis_keys(&self.prefix).await;
@@ -784,6 +845,32 @@ async fn polls_schedule_cancel_and_take_due_once_apart_from_deadlines(backend: B
     ctx.cleanup().await;
 }
 
+/// A Redis user missing a grant gets an error that points at deploy/redis-users.acl, whether
+/// Redis refuses a plain command (NOPERM) or one inside a script; it is "unavailable" (waited
+/// out, events held), never an answer.
+#[tokio::test]
+async fn an_acl_refusal_names_the_grants_to_add() {
+    let prefix = format!("abtest:{}", unique_prefix());
+    for (dropped, what) in [("+set", "a plain command"), ("+time", "a command inside a script")] {
+        let Some((_user, url)) = AclUser::create_without(&prefix, &[dropped]) else { return };
+        let config = StoreConfig { kind: StoreKind::Redis, redis: redis_config(&url, &prefix, Duration::from_secs(2)) };
+        let store = agentbridge_store::connect(&config).await.expect("redis store");
+        let refused = match dropped {
+            "+set" => store.set_flag("paused:acl", "operator", None).await.map(|_| ()),
+            _ => {
+                store.rate_limit("acl", Rate { limit: 10, period: Duration::from_secs(1), burst: 10 }).await.map(|_| ())
+            }
+        };
+        match refused {
+            Err(StoreError::Unavailable(m)) => {
+                assert!(m.contains("(ACL)") && m.contains("deploy/redis-users.acl"), "{what}: {m}")
+            }
+            other => panic!("{what}: expected an ACL refusal, got {other:?}"),
+        }
+    }
+    delete_redis_keys(&prefix).await;
+}
+
 macro_rules! contract {
     ($backend:ident, $modname:ident) => {
         mod $modname {
@@ -866,6 +953,7 @@ macro_rules! contract {
 
 contract!(Memory, memory);
 contract!(Redis, redis_backend);
+contract!(RedisAcl, redis_acl);
 
 // ---------------------------------------------------------------------------------------------
 // Fail closed (Redis only: memory has nothing to lose)

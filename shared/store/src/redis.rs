@@ -288,6 +288,15 @@ fn classify(e: RedisError, timeout: Duration) -> StoreError {
     if e.code() == Some("OOM") {
         return StoreError::Unavailable(format!("Redis is full (maxmemory reached; writes refused): {e}"));
     }
+    // An ACL refusal: outside a script Redis answers NOPERM, inside one a plain error. Like an
+    // outage it is waited out (events are held, nothing is dead-lettered for it), but the
+    // message says what to fix.
+    if e.code() == Some("NOPERM") || e.to_string().contains("user executing the script can't run") {
+        return StoreError::Unavailable(format!(
+            "Redis refused a command for this user (ACL): grant the commands and key pattern listed in \
+             deploy/redis-users.acl: {e}"
+        ));
+    }
     match e.kind() {
         ErrorKind::Parse
         | ErrorKind::UnexpectedReturnType
