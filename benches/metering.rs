@@ -7,7 +7,7 @@
 //!    alternate and are timed separately;
 //! 3. the same events recorded again (all redeliveries: the idempotent no-op path);
 //! 4. `report chargeback` over 1M runs of one month (rows made with `generate_series`);
-//! 5. retention: `Ledger::prune` of the runs completed before 2026-11-16 (about 0.7M of the
+//! 5. retention: `Ledger::prune` of the runs completed before 2026-11-07 (about 0.7M of the
 //!    1.2M rows), batches of 5000, beside one plain `DELETE ... WHERE completed_at < cut` on an
 //!    identical copy of the table (same rows, keys and indexes) made just before.
 //!
@@ -241,7 +241,7 @@ async fn main() {
 
     // Retention: the copy first (so both tables are equally warm), then the plain DELETE, then
     // the batched prune.
-    let cut = Utc.with_ymd_and_hms(2026, 11, 16, 0, 0, 0).single().expect("time");
+    let cut = Utc.with_ymd_and_hms(2026, 11, 7, 0, 0, 0).single().expect("time");
     sqlx::query("CREATE TABLE plain_prune (LIKE usage_runs INCLUDING ALL)").execute(&pool).await.expect("copy table");
     sqlx::query("INSERT INTO plain_prune SELECT * FROM usage_runs").execute(&pool).await.expect("copy rows");
     sqlx::query("ANALYZE plain_prune").execute(&pool).await.expect("analyze");

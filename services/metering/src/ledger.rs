@@ -206,12 +206,6 @@ impl Pruned {
             Pruned::RunEvents => "run_events",
         }
     }
-    fn key_column(self) -> &'static str {
-        match self {
-            Pruned::UsageRuns => "run_id",
-            Pruned::RunEvents => "event_key",
-        }
-    }
     fn time_column(self) -> &'static str {
         match self {
             Pruned::UsageRuns => "completed_at",
@@ -401,16 +395,34 @@ impl Ledger {
             Ledger::Sqlite(_) => "UPDATE ledger_horizons SET pruned_before = MAX(pruned_before, $1) WHERE tbl = $2",
         };
         on_pool!(self, pool => { sqlx::query(advance).bind(before).bind(table.table()).execute(pool).await?; });
-        let (t, key, time) = (table.table(), table.key_column(), table.time_column());
-        let delete = format!("DELETE FROM {t} WHERE {key} IN (SELECT {key} FROM {t} WHERE {time} < $1 LIMIT $2)");
+        let (t, time) = (table.table(), table.time_column());
+        // Oldest first, each batch starting where the last one ended: a batch that always
+        // started from the oldest row would step over every row already deleted (their index
+        // entries stay until vacuum), making a large backlog quadratic.
+        // By physical row id (PostgreSQL `ctid`, SQLite `rowid`): no primary-key lookups.
+        let delete = match self {
+            Ledger::Postgres(_) => format!(
+                "DELETE FROM {t} WHERE ctid = ANY(ARRAY( \
+                 SELECT ctid FROM {t} WHERE {time} >= $1 AND {time} < $2 ORDER BY {time} LIMIT $3)) RETURNING {time}"
+            ),
+            Ledger::Sqlite(_) => format!(
+                "DELETE FROM {t} WHERE rowid IN \
+                 (SELECT rowid FROM {t} WHERE {time} >= $1 AND {time} < $2 ORDER BY {time} LIMIT $3) RETURNING {time}"
+            ),
+        };
+        let batch = batch.max(1);
+        let mut from = DateTime::<Utc>::UNIX_EPOCH;
         let mut deleted = 0;
         while !cancel.is_cancelled() {
-            let n = on_pool!(self, pool => {
-                sqlx::query(&delete).bind(before).bind(i64::from(batch.max(1))).execute(pool).await?.rows_affected()
+            let times: Vec<DateTime<Utc>> = on_pool!(self, pool => {
+                let rows = sqlx::query(&delete).bind(from).bind(before).bind(i64::from(batch)).fetch_all(pool).await?;
+                rows.iter().map(|r| r.try_get::<DateTime<Utc>, _>(time)).collect::<Result<_, _>>()?
             });
-            deleted += n;
-            if n < u64::from(batch.max(1)) {
-                break;
+            deleted += times.len() as u64;
+            let full = times.len() as u64 == u64::from(batch);
+            match times.into_iter().max() {
+                Some(last) if full => from = last,
+                _ => break,
             }
         }
         Ok(deleted)
