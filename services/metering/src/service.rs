@@ -6,7 +6,10 @@
 //! budgets are evaluated, and only then is each delivery acked. A ledger or store failure sends
 //! the whole batch back with `retry_later` (nothing was acked; a redelivered record is counted
 //! once). A payload that can never be recorded (not a CloudEvent, wrong type, bad data) is
-//! dead-lettered at once to `dlq.meter` with reason `usage_invalid` or `run_event_invalid`.
+//! dead-lettered at once to `dlq.meter` with reason `usage_invalid` or `run_event_invalid`;
+//! usage for a run completed before the ledger's usage horizon (`metering.retention`) with
+//! `usage_past_retention`. Beside the consumer, a task applies the retention rules at start-up
+//! and every `retention.interval`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
