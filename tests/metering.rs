@@ -220,6 +220,16 @@ async fn drain(sub: &mut Box<dyn Subscription>, wait: Duration) -> Vec<Envelope>
     out
 }
 
+/// The next dead letter on `sub` (within 10 s), read as a record.
+async fn next_dead_letter(sub: &mut Box<dyn Subscription>) -> agentbridge_contracts::DeadLetter {
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("dead letter in time")
+        .expect("some")
+        .expect("ok");
+    agentbridge_contracts::DeadLetter::from_slice(d.payload()).expect("dead letter record")
+}
+
 fn flag_key(h: &Harness, agent: &str) -> String {
     format!("{}flag:{}", h.redis_prefix, paused_flag(agent))
 }
@@ -287,12 +297,7 @@ async fn counted_once_through(backend: Backend, db: Db) {
     assert_eq!(running, 3_000_000, "running total counted once");
     assert_eq!(metrics.runs.with_label_values(&["triage", "completed"]).get(), 1);
     let mut sub = h.transport.subscribe("dlq", &dlq).await.expect("subscribe dlq");
-    let d = tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .expect("dead letter in time")
-        .expect("some")
-        .expect("ok");
-    let dl = agentbridge_contracts::DeadLetter::from_slice(d.payload()).expect("dead letter record");
+    let dl = next_dead_letter(&mut sub).await;
     assert_eq!(dl.reason, "usage_invalid");
     assert_eq!(dl.original, b"not json");
     cancel.cancel();
@@ -861,12 +866,7 @@ async fn service_dead_letters_usage_past_the_horizon(db: Db) {
         .await
         .expect("publish");
     let mut sub = h.transport.subscribe("dlq", &dlq).await.expect("subscribe dlq");
-    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("dead letter in time")
-        .expect("some")
-        .expect("ok");
-    let dl = agentbridge_contracts::DeadLetter::from_slice(d.payload()).expect("dead letter record");
+    let dl = next_dead_letter(&mut sub).await;
     assert_eq!(dl.reason, "usage_past_retention");
     assert!(dl.detail.contains("long-ago") && dl.detail.contains("metering.retention.usage_runs"), "{}", dl.detail);
     assert_eq!(dl.original, bytes);
