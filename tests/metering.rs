@@ -134,8 +134,33 @@ impl Harness {
         self.db.cleanup(self.metering.ledger.clone()).await;
     }
 
+    /// Runs the metering service until [`Running::stop`].
+    fn start(&self) -> Running {
+        let cancel = CancellationToken::new();
+        let m = self.metering.clone();
+        let task = tokio::spawn({
+            let cancel = cancel.clone();
+            async move { m.run(cancel).await }
+        });
+        Running { cancel, task }
+    }
+
     async fn alerts_subscription(&self) -> Box<dyn Subscription> {
         self.transport.subscribe("alerts-watcher", &[self.topics.alerts()]).await.expect("subscribe alerts")
+    }
+}
+
+/// The metering service running in a task.
+struct Running {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops the service and checks it ended without an error.
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.expect("join").expect("service ran");
     }
 }
 
@@ -262,12 +287,7 @@ async fn counted_once_through(backend: Backend, db: Db) {
     h.transport.declare_group(&h.metering.config.group, &inputs).await.expect("declare metering group");
     let dlq = [h.topics.dlq("meter")];
     h.transport.declare_group("dlq", &dlq).await.expect("declare dlq group");
-    let cancel = CancellationToken::new();
-    let m = h.metering.clone();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { m.run(cancel).await }
-    });
+    let service = h.start();
     let u = usage_worth("run-dup", "triage", Utc::now(), 3);
     let bytes = usage_envelope(&u).to_vec();
     for _ in 0..3 {
@@ -300,8 +320,7 @@ async fn counted_once_through(backend: Backend, db: Db) {
     let dl = next_dead_letter(&mut sub).await;
     assert_eq!(dl.reason, "usage_invalid");
     assert_eq!(dl.original, b"not json");
-    cancel.cancel();
-    task.await.expect("join").expect("service ran");
+    service.stop().await;
     h.finish().await;
 }
 
@@ -848,12 +867,7 @@ async fn service_dead_letters_usage_past_the_horizon(db: Db) {
     h.metering.record(records, Utc::now()).await.expect("record");
     let dlq = [h.topics.dlq("meter")];
     h.transport.declare_group("dlq", &dlq).await.expect("declare dlq group");
-    let cancel = CancellationToken::new();
-    let m = h.metering.clone();
-    let task = tokio::spawn({
-        let cancel = cancel.clone();
-        async move { m.run(cancel).await }
-    });
+    let service = h.start();
     let ledger = h.metering.ledger.clone();
     eventually("the start-up prune", || {
         let ledger = ledger.clone();
@@ -872,8 +886,7 @@ async fn service_dead_letters_usage_past_the_horizon(db: Db) {
     assert_eq!(dl.original, bytes);
     assert_eq!(h.metering.metrics.invalid.with_label_values(&["usage_past_retention"]).get(), 1);
     assert_eq!(ledger.run_count().await.expect("count"), 1, "not recorded again");
-    cancel.cancel();
-    task.await.expect("join").expect("service ran");
+    service.stop().await;
     h.finish().await;
 }
 
