@@ -852,6 +852,22 @@ async fn retention_prunes_and_refuses_usage_past_the_horizon(db: Db) {
     assert!(ok && !err.contains("note:"), "this month is inside the horizon: {err}");
     let (ok, _, err) = cli(&["runs", "trace", "ev-0"]);
     assert!(!ok && err.contains("run events before") && err.contains("metering.retention.run_events"), "{err}");
+    // `report ledger` shows what is left and how it is kept (this config file: the defaults).
+    let (ok, json, err) = cli(&["report", "ledger", "--count", "--format", "json"]);
+    assert!(ok, "{err}");
+    let tables: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(tables[0]["table"], "usage_runs");
+    assert_eq!(tables[0]["rows"], 2, "recent and inside");
+    assert_eq!(tables[0]["retention"], serde_json::Value::Null, "usage is kept by default");
+    let oldest: DateTime<Utc> = tables[0]["oldest"].as_str().expect("oldest").parse().expect("time");
+    assert!((oldest - days(63)).num_milliseconds().abs() <= 1, "{oldest}");
+    let pruned: DateTime<Utc> = tables[0]["pruned_before"].as_str().expect("pruned_before").parse().expect("time");
+    assert_eq!(pruned, horizon);
+    assert_eq!((tables[1]["table"].as_str(), tables[1]["rows"].as_i64()), (Some("run_events"), Some(1)));
+    assert_eq!(tables[1]["retention"], "90d");
+    let (ok, text, err) = cli(&["report", "ledger"]);
+    assert!(ok, "{err}");
+    assert!(text.starts_with("table\trows\toldest") && text.contains("usage_runs\t\t"), "rows not counted: {text}");
     let _ = std::fs::remove_dir_all(&dir);
     h.finish().await;
 }

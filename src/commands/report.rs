@@ -40,6 +40,16 @@ pub enum ReportCommand {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// What the ledger holds per prunable table: oldest and newest rows, how far retention has
+    /// pruned it, and the configured retention (`metering.retention`).
+    Ledger {
+        /// Also count the rows (a full scan of each table on PostgreSQL).
+        #[arg(long)]
+        count: bool,
+        /// table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Runs, success rate and credits per run (mean, p50..p99) per group and hour/day/month.
     Aggregate {
         #[arg(long, default_value = "agent")]
@@ -73,14 +83,14 @@ pub async fn run(config: Option<&Path>, command: ReportCommand) -> anyhow::Resul
             let by: Dimension = by.parse().map_err(|e: String| anyhow!(e))?;
             let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
             let c = report::chargeback(&ledger, &period, by).await.map_err(|e| anyhow!(e))?;
-            (report::render_chargeback(&c, format), c.from)
+            (report::render_chargeback(&c, format), Some(c.from))
         }
         ReportCommand::Usage { agent, since, until, format } => {
             let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
             let until = until.as_deref().map(instant).transpose()?;
             let since = instant(&since)?;
             let r = report::usage(&ledger, &agent, Some(since), until).await?;
-            (report::render_usage(&r, format), since)
+            (report::render_usage(&r, format), Some(since))
         }
         ReportCommand::Aggregate { by, granularity, since, until, format } => {
             let by: Dimension = by.parse().map_err(|e: String| anyhow!(e))?;
@@ -93,12 +103,26 @@ pub async fn run(config: Option<&Path>, command: ReportCommand) -> anyhow::Resul
             };
             let since = filter.since.unwrap_or(now);
             let rows = report::aggregates(&ledger, &filter, by, granularity).await?;
-            (report::render_aggregates(&rows, by, format), since)
+            (report::render_aggregates(&rows, by, format), Some(since))
+        }
+        ReportCommand::Ledger { count, format } => {
+            let format: Format = format.parse().map_err(|e: String| anyhow!(e))?;
+            let retention = &config.metering.retention;
+            let mut tables = Vec::new();
+            for table in Pruned::ALL {
+                let keep = match table {
+                    Pruned::UsageRuns => retention.usage_runs,
+                    Pruned::RunEvents => retention.run_events,
+                };
+                let span = ledger.span(table, count).await?;
+                tables.push(report::LedgerTable { span, retention: keep.map(days_or_exact) });
+            }
+            (report::render_ledger(&tables, format), None)
         }
     };
     // On stderr, so CSV and JSON stay machine-readable.
     if let Some(horizon) = ledger.horizon(Pruned::UsageRuns).await? {
-        if from < horizon {
+        if from.is_some_and(|from| from < horizon) {
             eprintln!(
                 "note: usage completed before {} was deleted by metering.retention.usage_runs; this report \
                  covers only what the ledger still holds",
@@ -112,4 +136,13 @@ pub async fn run(config: Option<&Path>, command: ReportCommand) -> anyhow::Resul
         println!();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A retention as configured people write it: `90d`, `36h`, else the exact duration.
+fn days_or_exact(d: std::time::Duration) -> String {
+    match d.as_secs() {
+        s if d.subsec_nanos() == 0 && s % 86_400 == 0 => format!("{}d", s / 86_400),
+        s if d.subsec_nanos() == 0 && s % 3600 == 0 => format!("{}h", s / 3600),
+        _ => format!("{d:?}"),
+    }
 }

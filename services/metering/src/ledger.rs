@@ -200,6 +200,8 @@ pub enum Pruned {
 }
 
 impl Pruned {
+    pub const ALL: [Pruned; 2] = [Pruned::UsageRuns, Pruned::RunEvents];
+
     pub fn table(self) -> &'static str {
         match self {
             Pruned::UsageRuns => "usage_runs",
@@ -212,6 +214,18 @@ impl Pruned {
             Pruned::RunEvents => "at",
         }
     }
+}
+
+/// What one prunable table holds (`agentbridge report ledger`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TableSpan {
+    pub table: &'static str,
+    /// Counted only when asked for.
+    pub rows: Option<i64>,
+    pub oldest: Option<DateTime<Utc>>,
+    pub newest: Option<DateTime<Utc>>,
+    /// Rows older than this may have been deleted by retention; `None` before the first prune.
+    pub pruned_before: Option<DateTime<Utc>>,
 }
 
 const HORIZON_OF_USAGE: &str = "SELECT pruned_before FROM ledger_horizons WHERE tbl = 'usage_runs'";
@@ -370,6 +384,26 @@ impl Ledger {
             row.map(|r| r.try_get("pruned_before")).transpose()?
         });
         Ok(at.filter(|t| t.timestamp() > 0))
+    }
+
+    /// What `table` holds: its oldest and newest times, how far it has been pruned and, with
+    /// `count`, its rows (a full count, which on a large PostgreSQL table is a scan; the
+    /// times are index lookups).
+    pub async fn span(&self, table: Pruned, count: bool) -> Result<TableSpan, LedgerError> {
+        let (t, time) = (table.table(), table.time_column());
+        // Two subqueries: SQLite answers MIN and MAX from the index only one per query.
+        let sql = format!("SELECT (SELECT MIN({time}) FROM {t}) AS oldest, (SELECT MAX({time}) FROM {t}) AS newest");
+        let (oldest, newest) = on_pool!(self, pool => {
+            let row = sqlx::query(&sql).fetch_one(pool).await?;
+            (row.try_get("oldest")?, row.try_get("newest")?)
+        });
+        let rows = if count {
+            let sql = format!("SELECT COUNT(*) AS n FROM {t}");
+            Some(on_pool!(self, pool => sqlx::query(&sql).fetch_one(pool).await?.try_get::<i64, _>("n")?))
+        } else {
+            None
+        };
+        Ok(TableSpan { table: t, rows, oldest, newest, pruned_before: self.horizon(table).await? })
     }
 
     /// Deletes `table`'s rows older than `before`, at most `batch` per statement (each its own

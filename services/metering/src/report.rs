@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::budget::BudgetStatus;
-use crate::ledger::{ChargebackRow, Dimension, Ledger, LedgerError, Trace, UsageFilter, UsageRow};
+use crate::ledger::{ChargebackRow, Dimension, Ledger, LedgerError, TableSpan, Trace, UsageFilter, UsageRow};
 use crate::percentile::Quantiles;
 use crate::period::{parse_period, Period};
 use crate::pricing::format_credits;
@@ -454,6 +454,38 @@ pub fn render_budget_status(rows: &[BudgetStatus], format: Format) -> String {
             out
         }
     }
+}
+
+/// One line per prunable table, with the retention it is kept under (`None`: kept forever).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LedgerTable {
+    #[serde(flatten)]
+    pub span: TableSpan,
+    /// The configured retention, e.g. `90d`; `None` keeps the table forever.
+    pub retention: Option<String>,
+}
+
+pub fn render_ledger(tables: &[LedgerTable], format: Format) -> String {
+    if format == Format::Json {
+        return serde_json::to_string_pretty(tables).unwrap_or_default();
+    }
+    let sep = if format == Format::Csv { "," } else { "\t" };
+    let time = |t: Option<DateTime<Utc>>| t.map(|t| t.format("%Y-%m-%dT%H:%M:%SZ").to_string()).unwrap_or_default();
+    let mut out = ["table", "rows", "oldest", "newest", "pruned_before", "retention"].join(sep);
+    out.push('\n');
+    for t in tables {
+        let fields = [
+            t.span.table.to_string(),
+            t.span.rows.map(|n| n.to_string()).unwrap_or_default(),
+            time(t.span.oldest),
+            time(t.span.newest),
+            time(t.span.pruned_before),
+            t.retention.clone().unwrap_or_else(|| "keep".into()),
+        ];
+        out.push_str(&fields.join(sep));
+        out.push('\n');
+    }
+    out
 }
 
 pub fn render_trace(t: &Trace, format: Format) -> String {
