@@ -951,6 +951,33 @@ async fn prune_waits_for_a_batch_that_read_the_horizon(db: Db) {
     h.finish().await;
 }
 
+/// A ledger statement stuck behind a lock (PostgreSQL) fails after
+/// `metering.statement_timeout` instead of stalling metering; the batch is recorded once the
+/// lock is gone. The migrations themselves are not bounded by it.
+#[tokio::test]
+async fn a_statement_stuck_behind_a_lock_times_out_and_the_batch_is_recorded_later() {
+    agentbridge_runtime::telemetry::init_for_tests();
+    let mut h = harness(Db::Postgres, one_credit_per_m_output(), Vec::new()).await;
+    let timeout = Duration::from_millis(1500);
+    h.metering.ledger = Ledger::open_bounded(&h.db.url, 2, Some(timeout)).await.expect("bounded ledger");
+    let Ledger::Postgres(pool) = h.metering.ledger.clone() else { unreachable!("a PostgreSQL ledger") };
+    let mut locker = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE usage_runs IN ACCESS EXCLUSIVE MODE").execute(&mut *locker).await.expect("lock");
+    let u = usage_worth("stuck", "triage", Utc::now(), 1);
+    let started = std::time::Instant::now();
+    let stuck =
+        tokio::time::timeout(Duration::from_secs(20), h.metering.record(vec![Record::Usage(u.clone())], Utc::now()))
+            .await
+            .expect("the statement timeout ends the wait, not this guard");
+    let err = format!("{:#}", stuck.expect_err("a locked table"));
+    assert!(err.contains("statement timeout"), "{err}");
+    assert!(started.elapsed() >= timeout, "waited the timeout: {:?}", started.elapsed());
+    locker.rollback().await.expect("unlock");
+    let outcome = h.metering.record(vec![Record::Usage(u)], Utc::now()).await.expect("recorded after the lock");
+    assert_eq!(outcome.new_runs, vec!["stuck".to_string()]);
+    h.finish().await;
+}
+
 macro_rules! on_both {
     ($($name:ident),* $(,)?) => {
         mod sqlite {

@@ -194,8 +194,9 @@ pub async fn run(config: Option<&Path>, samples: &Path) -> anyhow::Result<ExitCo
         store.clone(),
         cancel.clone(),
     ));
+    let m = &config.metering;
     let ledger =
-        agentbridge_metering::Ledger::open(config.metering.ledger_url.expose(), config.metering.max_connections)
+        agentbridge_metering::Ledger::open_bounded(m.ledger_url.expose(), m.max_connections, Some(m.statement_timeout))
             .await
             .context("open the ledger")?;
     let metering = agentbridge_metering::Metering::new(

@@ -19,7 +19,7 @@ use std::time::Duration;
 use agentbridge_config::{BudgetPeriod, BudgetScope, MicroCredits};
 use agentbridge_contracts::{RunEvent, UsageRecord};
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row};
 use tokio_util::sync::CancellationToken;
@@ -271,6 +271,17 @@ fn i64_of(n: u64, what: &str) -> Result<i64, LedgerError> {
 impl Ledger {
     /// Connects to `url` (`sqlite:...` or `postgres://...`); does not migrate.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
+        Self::connect_bounded(url, max_connections, None).await
+    }
+
+    /// [`Ledger::connect`], every statement bounded by `statement_timeout` on PostgreSQL (the
+    /// server cancels it, and the caller gets an error to retry). SQLite needs none: its only
+    /// wait is for the write lock, bounded by the busy timeout.
+    pub async fn connect_bounded(
+        url: &str,
+        max_connections: u32,
+        statement_timeout: Option<Duration>,
+    ) -> Result<Self, LedgerError> {
         if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -283,10 +294,14 @@ impl Ledger {
             let pool = SqlitePoolOptions::new().max_connections(max_connections.max(1)).connect_with(options).await?;
             Ok(Ledger::Sqlite(pool))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let mut options = PgConnectOptions::from_str(url)?;
+            if let Some(t) = statement_timeout {
+                options = options.options([("statement_timeout", format!("{}ms", t.as_millis().max(1)))]);
+            }
             let pool = PgPoolOptions::new()
                 .max_connections(max_connections.max(1))
                 .acquire_timeout(Duration::from_secs(10))
-                .connect(url)
+                .connect_with(options)
                 .await?;
             Ok(Ledger::Postgres(pool))
         } else {
@@ -296,14 +311,31 @@ impl Ledger {
 
     /// Connects and applies the migrations of the backend.
     pub async fn open(url: &str, max_connections: u32) -> Result<Self, LedgerError> {
-        let ledger = Self::connect(url, max_connections).await?;
+        Self::open_bounded(url, max_connections, None).await
+    }
+
+    /// [`Ledger::open`] with [`Ledger::connect_bounded`]'s statement timeout (the services').
+    pub async fn open_bounded(
+        url: &str,
+        max_connections: u32,
+        statement_timeout: Option<Duration>,
+    ) -> Result<Self, LedgerError> {
+        let ledger = Self::connect_bounded(url, max_connections, statement_timeout).await?;
         ledger.migrate().await?;
         Ok(ledger)
     }
 
     pub async fn migrate(&self) -> Result<(), LedgerError> {
         match self {
-            Ledger::Postgres(pool) => PG_MIGRATIONS.run(pool).await?,
+            Ledger::Postgres(pool) => {
+                // Not bounded by the service's statement timeout: a migration may build an index
+                // on a large table.
+                let mut conn = pool.acquire().await?;
+                sqlx::query("SET statement_timeout = 0").execute(&mut *conn).await?;
+                let migrated = PG_MIGRATIONS.run(&mut *conn).await;
+                sqlx::query("RESET statement_timeout").execute(&mut *conn).await?;
+                migrated?
+            }
             Ledger::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
         }
         Ok(())

@@ -437,7 +437,9 @@ pub const PAST_RETENTION: &str = "usage_past_retention";
 /// server (`/metrics`, `/healthz`, `/readyz`).
 pub async fn run_until_stopped(config: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let m = &config.metering;
-    let ledger = Ledger::open(m.ledger_url.expose(), m.max_connections).await.context("open the ledger")?;
+    let ledger = Ledger::open_bounded(m.ledger_url.expose(), m.max_connections, Some(m.statement_timeout))
+        .await
+        .context("open the ledger")?;
     let store = agentbridge_store::connect(&config.store).await.context("connect the store")?;
     let transport = agentbridge_transport::connect(&config.transport).await.context("connect the transport")?;
     let topics = Topics::new(config.transport.prefix.clone());

@@ -23,6 +23,12 @@ pub struct MeteringConfig {
     /// Most connections the ledger pool opens.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Longest one ledger statement of the service may run (PostgreSQL `statement_timeout`;
+    /// default 30s). Why: a statement stuck behind a lock would otherwise stall metering
+    /// silently; timed out, its batch goes back to the broker and is retried with backoff.
+    /// The reporting commands are not bounded by it.
+    #[serde(default = "default_statement_timeout", with = "serde_duration")]
+    pub statement_timeout: Duration,
     /// Consumer group on the `usage` and `runs` topics (default `metering`).
     #[serde(default = "default_group")]
     pub group: String,
@@ -55,6 +61,7 @@ impl Default for MeteringConfig {
         Self {
             ledger_url: default_ledger_url(),
             max_connections: default_max_connections(),
+            statement_timeout: default_statement_timeout(),
             group: default_group(),
             listen: default_listen(),
             batch_size: default_batch_size(),
@@ -72,6 +79,9 @@ fn default_ledger_url() -> Secret {
 }
 fn default_max_connections() -> u32 {
     8
+}
+fn default_statement_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 fn default_group() -> String {
     "metering".into()
@@ -303,6 +313,9 @@ pub(crate) fn validate_metering(config: &Config, p: &mut Vec<Problem>) {
     if m.max_connections == 0 {
         p.push(Problem::new("metering.max_connections", "must be at least 1"));
     }
+    if m.statement_timeout < Duration::from_secs(1) {
+        p.push(Problem::new("metering.statement_timeout", "must be at least 1s"));
+    }
     if m.group.trim().is_empty() {
         p.push(Problem::new("metering.group", "must not be empty"));
     }
@@ -455,7 +468,7 @@ metering:
     }
 
     #[test]
-    fn retention_defaults_nulls_and_floors() {
+    fn retention_and_statement_timeout_defaults_nulls_and_floors() {
         let c = Config::from_layers("", Vec::new()).expect("defaults");
         let r = &c.metering.retention;
         assert_eq!(r.run_events, Some(Duration::from_secs(90 * 86_400)));
@@ -464,13 +477,15 @@ metering:
         let c = Config::from_layers(yaml, Vec::new()).expect("valid");
         assert_eq!(c.metering.retention.run_events, None);
         assert_eq!(c.metering.retention.usage_runs, Some(Duration::from_secs(400 * 86_400)));
-        let yaml = "metering:\n  retention: {run_events: 1h, usage_runs: 30d, interval: 0s, delete_batch: 0}\n";
+        assert_eq!(c.metering.statement_timeout, Duration::from_secs(30));
+        let yaml = "metering:\n  statement_timeout: 500ms\n  retention: {run_events: 1h, usage_runs: 30d, interval: 0s, delete_batch: 0}\n";
         match Config::from_layers(yaml, Vec::new()) {
             Err(ConfigError::Validation(p)) => {
                 let keys: Vec<_> = p.iter().map(|p| p.key.as_str()).collect();
                 assert_eq!(
                     keys,
                     [
+                        "metering.statement_timeout",
                         "metering.retention.run_events",
                         "metering.retention.usage_runs",
                         "metering.retention.interval",

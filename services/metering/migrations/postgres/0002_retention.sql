@@ -12,6 +12,3 @@ CREATE TABLE ledger_horizons (
 INSERT INTO ledger_horizons (tbl, pruned_before) VALUES
     ('usage_runs', TIMESTAMPTZ '1970-01-01 00:00:00+00'),
     ('run_events', TIMESTAMPTZ '1970-01-01 00:00:00+00');
-
--- The prune deletes run events by time.
-CREATE INDEX run_events_at ON run_events (at);
