@@ -243,6 +243,53 @@ fn self_check_passes_on_real_servers_and_refuses_an_evicting_redis() {
     assert!(err.contains("the servers' configuration can break agentbridge's guarantees"), "{err}");
 }
 
+/// `self-check` reaches a PostgreSQL ledger and says how many migrations it has applied; a
+/// ledger it cannot reach fails the check, naming the setting. The embedded SQLite ledger is
+/// not touched.
+#[test]
+fn self_check_reaches_the_postgres_ledger() {
+    use sqlx::Connection;
+    let base = std::env::var("AGENTBRIDGE_TEST_PG_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let name = format!("selfcheck_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let admin = format!("{base}/postgres");
+    rt.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect to PostgreSQL");
+        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.expect("create database");
+    });
+    let url = format!("{base}/{name}");
+    let check = |url: &str| {
+        let config = write_config("ledger.", &format!("metering:\n  ledger_url: '{url}'\n"));
+        common::run_cli(&config, &["self-check"])
+    };
+
+    let (ok, out, err) = check(&url);
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("✓ metering ledger (postgres): reachable, 0 of "), "{out}");
+    assert!(out.contains("the metering service applies the rest at start-up"), "{out}");
+    rt.block_on(async {
+        agentbridge_metering::Ledger::open(&url, 1).await.expect("migrate").close().await;
+    });
+    let (ok, out, err) = check(&url);
+    assert!(ok, "{out}{err}");
+    let line = out.lines().find(|l| l.contains("metering ledger")).expect("a ledger line");
+    let counts: Vec<&str> = line.split(", ").nth(1).expect("counts").split(' ').collect();
+    assert_eq!(counts[0], counts[2], "every migration applied: {line}");
+    assert!(!line.contains("applies the rest"), "{line}");
+
+    let (ok, out, err) = check(&format!("{base}/no_such_ledger_db"));
+    assert!(!ok, "an unreachable ledger passed: {out}");
+    assert!(err.contains("connect the metering ledger (metering.ledger_url)"), "{err}");
+
+    let (ok, out, err) = check("sqlite://never-created-by-self-check.db?mode=rwc");
+    assert!(ok && out.contains("- metering ledger: embedded SQLite, not checked"), "{out}{err}");
+    assert!(!std::path::Path::new("never-created-by-self-check.db").exists());
+    rt.block_on(async {
+        let mut conn = sqlx::PgConnection::connect(&admin).await.expect("connect to PostgreSQL");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await.expect("drop");
+    });
+}
+
 /// A managed Redis may refuse `INFO` (ACLs): `self-check` then passes on the plumbing and says
 /// the eviction policy must be checked by hand, rather than failing or claiming it is fine.
 #[test]

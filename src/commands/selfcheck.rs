@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use agentbridge_config::Config;
 use agentbridge_contracts::{idempotency_key, DeadLetter, Envelope, Stage, Topics};
+use agentbridge_metering::Ledger;
 use agentbridge_store::{Claim, Rate};
 use agentbridge_transport::{Message, Subscription, DLQ_GROUP};
 use anyhow::{bail, Context};
@@ -96,6 +97,28 @@ pub async fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         bail!("first event of a fresh rate limiter was refused");
     }
     step("claim → duplicate claim refused → commit → duplicate detected; rate limiter admits", t);
+
+    // The metering ledger, when it is a server: a wrong password or database name shows up
+    // here rather than as a crash-looping metering service. The embedded SQLite file is left
+    // alone (opening it would create it in the working directory).
+    let t = Instant::now();
+    let url = config.metering.ledger_url.expose();
+    if url.starts_with("sqlite:") {
+        println!("  - metering ledger: embedded SQLite, not checked");
+    } else {
+        let ledger = Ledger::connect(url, 1).await.context("connect the metering ledger (metering.ledger_url)")?;
+        ledger.ping().await.context("query the metering ledger")?;
+        let (applied, known) = ledger.migration_status().await.context("read the ledger's migrations")?;
+        ledger.close().await;
+        let rest = if applied < known as i64 { "; the metering service applies the rest at start-up" } else { "" };
+        step(
+            &format!(
+                "metering ledger ({}): reachable, {applied} of {known} migrations applied{rest}",
+                ledger.backend()
+            ),
+            t,
+        );
+    }
 
     // Servers that work today can still break the guarantees later (Redis evicting claims at
     // its memory limit, Kafka deleting dead letters nobody replayed): a pre-deploy check should

@@ -341,6 +341,30 @@ impl Ledger {
         Ok(())
     }
 
+    /// How many of this build's migrations the database has applied, and how many there are
+    /// (for `agentbridge self-check`; the services apply the missing ones at start-up).
+    pub async fn migration_status(&self) -> Result<(i64, usize), LedgerError> {
+        let (present, known) = match self {
+            Ledger::Postgres(_) => (
+                "SELECT COUNT(*) AS n FROM pg_tables WHERE tablename = '_sqlx_migrations'",
+                PG_MIGRATIONS.iter().count(),
+            ),
+            Ledger::Sqlite(_) => (
+                "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+                SQLITE_MIGRATIONS.iter().count(),
+            ),
+        };
+        let applied = on_pool!(self, pool => {
+            if sqlx::query(present).fetch_one(pool).await?.try_get::<i64, _>("n")? == 0 {
+                0
+            } else {
+                let sql = "SELECT COUNT(*) AS n FROM _sqlx_migrations WHERE success";
+                sqlx::query(sql).fetch_one(pool).await?.try_get::<i64, _>("n")?
+            }
+        });
+        Ok((applied, known))
+    }
+
     /// `postgres` or `sqlite`.
     pub fn backend(&self) -> &'static str {
         match self {
